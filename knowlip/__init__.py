@@ -1,0 +1,2 @@
+"""knowlip: distributed pretraining of SAR-KnowLIP."""
+__version__ = "0.1.0"

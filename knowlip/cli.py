@@ -1,0 +1,123 @@
+"""The `knowlip` command: subcommands parse their arguments and call the library; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from knowlip.config import ConfigError, load_config, to_yaml
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="YAML config file (merged over the built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. data.batch_size=64")
+
+
+def _config(args: argparse.Namespace, extra: Sequence[str] = ()):
+    return load_config(args.config, list(args.overrides) + list(extra))
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    path = args.config
+    overrides = list(args.overrides)
+    if overrides and "=" not in overrides[0] and path is None:  # `knowlip config show FILE key=value`
+        path, overrides = overrides[0], overrides[1:]
+    print(to_yaml(load_config(path, overrides)), end="")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from knowlip.sar.synth import synthesise
+
+    cfg = _config(args, [f"synth.out_dir={args.out}"] if args.out else [])
+    s = cfg.synth
+    paths = synthesise(s.out_dir, s.num_scenes, s.size, s.seed, list(s.polarisations), list(s.products),
+                       s.looks, s.pixel_spacing_m, cfg.pack.chip.size, cfg.pack.chip.stride)
+    print(f"wrote {len(paths)} scenes and captions.jsonl to {s.out_dir}")
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from knowlip.data.pack import pack
+
+    extra = []
+    if args.inputs:
+        extra.append("pack.inputs=[" + ",".join(json.dumps(str(i)) for i in args.inputs) + "]")
+    if args.out:
+        extra.append(f"pack.out_dir={args.out}")
+    if args.captions:
+        extra.append(f"pack.captions={args.captions}")
+    cfg = _config(args, extra)
+    index_path, report = pack(cfg)
+    print(f"packed {report.samples} samples from {report.scenes_packed} scenes into {index_path.parent} "
+          f"({report.seconds:.1f} s)")
+    for skipped in report.skipped_files:
+        print(f"  skipped {skipped['file']}: {skipped['reason']}")
+    for err in report.caption_errors:
+        print(f"  caption error: {err}")
+    if report.chips_without_caption:
+        print(f"  {report.chips_without_caption} chips had no caption (pack.missing_caption="
+              f"{cfg.pack.missing_caption})")
+    if report.samples == 0:
+        print("error: no samples were packed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from knowlip.data.inspect import format_report, inspect_shards
+
+    report = inspect_shards(args.shards)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="knowlip", description="SAR-KnowLIP pretraining toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="show the resolved configuration")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    show = csub.add_parser("show", help="print the config after merging defaults <- FILE <- overrides")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("synth", help="generate synthetic SAR GeoTIFF scenes with captions")
+    p.add_argument("--out", help="output folder (synth.out_dir)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("pack", help="pack GeoTIFFs + captions into WebDataset shards")
+    p.add_argument("--inputs", nargs="+", help="GeoTIFF files or folders (pack.inputs)")
+    p.add_argument("--captions", help="caption JSONL (pack.captions)")
+    p.add_argument("--out", help="output folder (pack.out_dir)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("data", help="inspect and audit shards and the loader")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    ins = dsub.add_parser("inspect", help="counts, bands, extent and caption statistics of a shard folder")
+    ins.add_argument("shards", help="a folder holding index.json")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of text")
+    ins.set_defaults(func=cmd_data_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

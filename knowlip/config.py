@@ -1,0 +1,242 @@
+"""Typed configuration: built-in defaults <- YAML file <- command-line dotlist.
+
+Only this module knows the defaults. Every section is a dataclass; `load_config` merges the layers with
+omegaconf and validates them before anything heavy starts: an unknown key fails with its full path and, for
+a likely typo, the closest valid key; a value of the wrong type fails with its path and the expected type.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the source."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SynthConfig:
+    """`knowlip synth`: procedurally generated SAR scenes with content-derived captions."""
+
+    out_dir: str = "runs/quickstart/scenes"
+    num_scenes: int = 32
+    size: int = 256  # pixels per side
+    pixel_spacing_m: float = 10.0
+    polarisations: list[str] = field(default_factory=lambda: ["VV"])
+    # "intensity" (linear sigma0), "amplitude", "db", "complex", "dn" (uint16 with a calibration gain);
+    # scenes cycle through this list so one run can exercise several product kinds.
+    products: list[str] = field(default_factory=lambda: ["intensity"])
+    looks: float = 4.0  # speckle: gamma-distributed intensity with this equivalent number of looks
+    seed: int = 0
+
+
+@dataclass
+class ChipConfig:
+    """How scenes are tiled into training chips."""
+
+    size: int = 64
+    stride: int = 64
+    min_valid_fraction: float = 0.5
+
+
+@dataclass
+class ReadConfig:
+    """How GeoTIFFs are interpreted when their tags do not say."""
+
+    # auto: from tags / file name / dtype; else one of intensity, amplitude, db, complex, dn.
+    product: str = "auto"
+    # Polarisation names for the bands, in order, when descriptions and tags lack them (e.g. ["VV", "VH"]).
+    band_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PackConfig:
+    """`knowlip pack`: GeoTIFFs + caption JSONL -> WebDataset tar shards + index.json."""
+
+    inputs: list[str] = field(default_factory=lambda: ["runs/quickstart/scenes"])
+    captions: Optional[str] = None  # JSONL; default: <first input dir>/captions.jsonl when it exists
+    out_dir: str = "runs/quickstart/shards"
+    shard_max_samples: int = 256
+    shard_max_bytes: int = 256 * 2**20
+    # What to do with a chip whose scene/chip has no caption: "skip" it, or keep it with a caption made of the
+    # geographic clause only ("geo_only").
+    missing_caption: str = "skip"
+    geo_clause: bool = True  # append "Located at ..." built from the chip's metadata
+    read: ReadConfig = field(default_factory=ReadConfig)
+    chip: ChipConfig = field(default_factory=ChipConfig)
+
+
+@dataclass
+class DataConfig:
+    """The streaming loader (shards -> batches)."""
+
+    shards: str = "runs/quickstart/shards"  # a folder holding index.json
+    batch_size: int = 16
+    num_workers: int = 0
+    seed: int = 0
+    # Samples are shuffled inside consecutive blocks of the epoch's canonical order (which itself follows a
+    # per-epoch shard permutation). Larger blocks mix more shards per batch at no memory cost.
+    shuffle_block: int = 8192
+    drop_last: bool = True
+    max_text_len: int = 128
+    prefetch_factor: int = 4
+
+
+@dataclass
+class NormConfig:
+    """SAR log-intensity normalisation (raw chip -> normalised image), done on the device."""
+
+    # Clip range in dB per polarisation; unknown polarisations use `default_clip_db`.
+    clip_db: dict[str, list[float]] = field(
+        default_factory=lambda: {"VV": [-25.0, 0.0], "VH": [-32.5, 0.0], "HH": [-25.0, 0.0], "HV": [-32.5, 0.0]}
+    )
+    default_clip_db: list[float] = field(default_factory=lambda: [-25.0, 0.0])
+    mode: str = "scale"  # "scale" to [0, 1] or "standardise" with mean/std (in clipped dB)
+    mean_db: dict[str, float] = field(default_factory=dict)
+    std_db: dict[str, float] = field(default_factory=dict)
+    fill: float = 0.0  # value written where the input is invalid (NaN, inf, nodata, non-positive intensity)
+    out_dtype: str = "float32"  # or "bfloat16"
+    dn_gain: float = 1.0  # uint16 digital numbers: intensity = dn_gain * dn**2
+
+
+@dataclass
+class ModelConfig:
+    """Model size preset and attention backend."""
+
+    size: str = "tiny"  # tiny | base | large
+    attention: str = "auto"  # auto | flash_attn | sdpa | reference
+    image_size: int = 64
+    in_channels: int = 1
+    tokenizer: Optional[str] = None  # a local Hugging Face tokenizer folder; None: train one on the captions
+    pretrained_text: Optional[str] = None  # local HF BERT-family folder
+    pretrained_vision: Optional[str] = None  # local safetensors file
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 40
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 5
+    log_every: int = 5
+
+
+@dataclass
+class KnowlipConfig:
+    run_dir: str = "runs/quickstart"
+    seed: int = 0
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading and validation
+# ----------------------------------------------------------------------------------------------------------
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "synth.products": ("intensity", "amplitude", "db", "complex", "dn"),
+    "pack.read.product": ("auto", "intensity", "amplitude", "db", "complex", "dn"),
+    "pack.missing_caption": ("skip", "geo_only"),
+    "norm.mode": ("scale", "standardise"),
+    "norm.out_dtype": ("float32", "bfloat16"),
+    "model.size": ("tiny", "base", "large"),
+    "model.attention": ("auto", "flash_attn", "sdpa", "reference"),
+}
+
+
+def default_config() -> DictConfig:
+    return OmegaConf.structured(KnowlipConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge defaults <- YAML file <- dotlist overrides, validate, and return a read-only config."""
+    cfg = default_config()
+    layers: list[tuple[str, Any]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except Exception as exc:  # yaml errors come in several types
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"command-line override {bad[0]!r} is not of the form key=value")
+        try:
+            layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"command line: cannot parse overrides: {exc}") from exc
+    for source, layer in layers:
+        if layer is None:
+            continue
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+        _check_keys(cfg, layer, source, prefix="")
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as exc:
+            key = getattr(exc, "full_key", None) or "?"
+            raise ConfigError(f"{source}: bad value for '{key}': {_first_line(exc)}") from exc
+    _check_choices(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def _check_keys(schema: DictConfig, layer: DictConfig, source: str, prefix: str) -> None:
+    """Fail on any key of `layer` the schema does not have, suggesting the closest valid key."""
+    for key in layer.keys():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            # dict-typed fields (e.g. norm.clip_db) accept any key: omegaconf types their values.
+            if _is_open_dict(schema):
+                continue
+            valid = [str(k) for k in schema.keys()]
+            hint = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+            suggestion = f"; did you mean '{prefix}{hint[0]}'?" if hint else f"; valid keys here: {', '.join(valid)}"
+            raise ConfigError(f"{source}: unknown config key '{path}'{suggestion}")
+        sub_schema = schema._get_node(key)
+        sub_layer = layer._get_node(key)
+        if isinstance(sub_schema, DictConfig) and isinstance(sub_layer, DictConfig) and not _is_open_dict(sub_schema):
+            _check_keys(sub_schema, sub_layer, source, prefix=f"{path}.")
+
+
+def _is_open_dict(node: DictConfig) -> bool:
+    """A Dict[str, X] field rather than a dataclass section."""
+    return OmegaConf.get_type(node) is dict
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        values = list(value) if isinstance(value, ListConfig) else [value]
+        for v in values:
+            if v not in allowed:
+                hint = difflib.get_close_matches(str(v), allowed, n=1)
+                extra = f"; did you mean '{hint[0]}'?" if hint else ""
+                raise ConfigError(f"bad value for '{key}': {v!r} is not one of {', '.join(allowed)}{extra}")
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0]
