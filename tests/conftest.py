@@ -1,0 +1,57 @@
+"""Shared fixtures. The real Sentinel-1 scenes are found through KNOWLIP_SHARED_DATA (default ../shared/data
+beside the repository); in CI (CI=true) a missing folder fails, elsewhere the tests that need it skip."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from knowlip.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("KNOWLIP_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def sentinel1_dir(tmp_path_factory) -> Path:
+    """A writable copy of the real Sentinel-1 scenes."""
+    src = shared_data_dir() / "sentinel1"
+    tifs = sorted(src.glob("*.tif")) if src.is_dir() else []
+    if not tifs:
+        message = f"real Sentinel-1 scenes not found in {src} (set KNOWLIP_SHARED_DATA)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    dst = tmp_path_factory.mktemp("sentinel1")
+    for tif in tifs:
+        shutil.copy(tif, dst / tif.name)
+    return dst
+
+
+def make_config(tmp: Path, *overrides: str):
+    """Defaults rooted in a temporary folder, plus overrides."""
+    base = [f"run_dir={tmp}", f"synth.out_dir={tmp}/scenes", f"pack.inputs=[{tmp}/scenes]",
+            f"pack.out_dir={tmp}/shards", f"data.shards={tmp}/shards"]
+    return load_config(None, base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory) -> Path:
+    """A small synthetic dataset packed into several uneven shards (shared, read-only for tests)."""
+    from knowlip.data.pack import pack
+    from knowlip.sar.synth import synthesise
+
+    tmp = tmp_path_factory.mktemp("synth")
+    cfg = make_config(tmp, "synth.num_scenes=6", "synth.size=128", "pack.chip.size=32", "pack.chip.stride=32",
+                      "pack.shard_max_samples=23")
+    s = cfg.synth
+    synthesise(s.out_dir, s.num_scenes, s.size, s.seed, list(s.polarisations), list(s.products), s.looks,
+               s.pixel_spacing_m, cfg.pack.chip.size, cfg.pack.chip.stride)
+    pack(cfg)
+    return tmp / "shards"
