@@ -75,6 +75,19 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_replay(args: argparse.Namespace) -> int:
+    from knowlip.data.replay import replay, write_records
+
+    records, state = replay(args.shards, args.world_size, args.workers, args.batch_size, args.epochs, args.seed,
+                            args.shuffle_block, not args.keep_last, args.stop_after_steps, args.resume_state)
+    write_records(records, sys.stdout)
+    if args.save_state:
+        Path(args.save_state).write_text(json.dumps(state, indent=1))
+        print(f"saved loader state (epoch {state['epoch']}, cursor {state['cursor']}) to {args.save_state}",
+              file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knowlip", description="SAR-KnowLIP pretraining toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("shards", help="a folder holding index.json")
     ins.add_argument("--json", action="store_true", help="print JSON instead of text")
     ins.set_defaults(func=cmd_data_inspect)
+    rep = dsub.add_parser("replay", help="print the sample keys each rank gets at each step (one JSON line a step)")
+    rep.add_argument("shards", help="a folder holding index.json")
+    rep.add_argument("--world-size", type=int, default=1)
+    rep.add_argument("--workers", type=int, default=0, help="loader workers per rank")
+    rep.add_argument("--batch-size", type=int, required=True, help="per-rank batch size")
+    rep.add_argument("--epochs", type=int, default=1)
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--shuffle-block", type=int, default=8192)
+    rep.add_argument("--keep-last", action="store_true", help="keep the smaller last step instead of dropping it")
+    rep.add_argument("--stop-after-steps", type=int, help="stop after N global steps (simulates an interruption)")
+    rep.add_argument("--save-state", help="write the loader state here when stopping")
+    rep.add_argument("--resume-state", help="resume from a state written by --save-state")
+    rep.set_defaults(func=cmd_data_replay)
     return parser
 
 
