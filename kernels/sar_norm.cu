@@ -1,0 +1,158 @@
+// Fused SAR log-intensity normalisation: raw chip -> normalised value + validity mask, in one pass.
+//
+// Pure CUDA (no torch headers) so that it compiles anywhere nvcc does; the torch binding is
+// sar_norm_binding.cpp. Semantics are those of knowlip.ops.sar_norm.reference (the oracle):
+//   intensity I from the raw value (by input type and per-channel product kind),
+//   valid = finite, not nodata, I > 0 (dB input: finite and not nodata),
+//   dB = 10 log10 I, clipped to [lo, hi] per channel,
+//   out = (dB - lo) / (hi - lo)                    (mode 0, "scale")
+//       = (dB - mean) / std                        (mode 1, "standardise")
+//   invalid -> fill, mask = 0.
+// One read of the input and one write of the output and mask: 16-byte vector loads, a grid-stride loop,
+// nothing in between. A vector never straddles two channels (the launcher checks H*W % VEC == 0 and
+// alignment, else it runs the same kernel with VEC = 1).
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define KNOWLIP_MAX_CHANNELS 8
+
+enum InputKind { IN_FLOAT = 0, IN_COMPLEX_FLOAT = 1, IN_COMPLEX_INT16 = 2, IN_UINT16 = 3 };
+enum ProductKind { P_INTENSITY = 0, P_AMPLITUDE = 1, P_DB = 2, P_COMPLEX = 3, P_DN = 4 };
+
+struct SarNormArgs {
+  long long n;         // elements (complex pairs count once)
+  long long hw;        // elements per channel plane
+  int channels;
+  int mode;            // 0 scale, 1 standardise
+  float fill;
+  float nodata;
+  int has_nodata;
+  int kind[KNOWLIP_MAX_CHANNELS];
+  float lo[KNOWLIP_MAX_CHANNELS];
+  float hi[KNOWLIP_MAX_CHANNELS];
+  float scale[KNOWLIP_MAX_CHANNELS];   // 1/(hi-lo) or 1/std
+  float offset[KNOWLIP_MAX_CHANNELS];  // lo or mean
+  float gain[KNOWLIP_MAX_CHANNELS];    // uint16 DN: I = gain * dn^2
+};
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// dB and validity of one raw element, per input type.
+__device__ __forceinline__ float db_of(float x, int kind, float, const SarNormArgs& a, bool& valid) {
+  valid = isfinite(x) && !(a.has_nodata && x == a.nodata);
+  if (kind == P_DB) return x;
+  valid = valid && x > 0.0f;
+  float l = log10f(x);
+  return kind == P_AMPLITUDE ? 20.0f * l : 10.0f * l;
+}
+
+__device__ __forceinline__ float db_of(float2 z, int, float, const SarNormArgs&, bool& valid) {
+  float i = z.x * z.x + z.y * z.y;
+  valid = isfinite(i) && i > 0.0f;
+  return 10.0f * log10f(i);
+}
+
+__device__ __forceinline__ float db_of(short2 z, int, float, const SarNormArgs&, bool& valid) {
+  float re = static_cast<float>(z.x), im = static_cast<float>(z.y);
+  float i = re * re + im * im;
+  valid = i > 0.0f;
+  return 10.0f * log10f(i);
+}
+
+__device__ __forceinline__ float db_of(unsigned short d, int, float gain, const SarNormArgs& a, bool& valid) {
+  float f = static_cast<float>(d);
+  float i = gain * f * f;
+  valid = i > 0.0f && !(a.has_nodata && f == a.nodata);
+  return 10.0f * log10f(i);
+}
+
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+template <typename In, typename Out, int VEC>
+__global__ void __launch_bounds__(256) sar_norm_kernel(const In* __restrict__ in, Out* __restrict__ out,
+                                                       uint8_t* __restrict__ mask, const SarNormArgs a) {
+  const long long nvec = a.n / VEC;
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec; v += stride) {
+    const long long i0 = v * VEC;
+    const int c = static_cast<int>((i0 / a.hw) % a.channels);
+    const int kind = a.kind[c];
+    const float lo = a.lo[c], hi = a.hi[c], scale = a.scale[c], offset = a.offset[c], gain = a.gain[c];
+    const Vec<In, VEC> x = *reinterpret_cast<const Vec<In, VEC>*>(in + i0);
+    Vec<Out, VEC> y;
+    Vec<uint8_t, VEC> m;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      bool valid;
+      float db = db_of(x.v[k], kind, gain, a, valid);
+      float r = (fminf(fmaxf(db, lo), hi) - offset) * scale;
+      store(&y.v[k], valid ? r : a.fill);
+      m.v[k] = valid ? 1 : 0;
+    }
+    *reinterpret_cast<Vec<Out, VEC>*>(out + i0) = y;
+    *reinterpret_cast<Vec<uint8_t, VEC>*>(mask + i0) = m;
+  }
+}
+
+namespace {
+
+int sm_count() {
+  static int count = 0;
+  if (count == 0) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
+    if (count <= 0) count = 1;
+  }
+  return count;
+}
+
+template <typename In, typename Out, int VEC>
+cudaError_t launch(const void* in, void* out, uint8_t* mask, const SarNormArgs& a, cudaStream_t stream) {
+  const int threads = 256;
+  long long nvec = a.n / VEC;
+  long long wanted = (nvec + threads - 1) / threads;
+  long long cap = static_cast<long long>(sm_count()) * 8;  // enough resident warps; the loop covers the rest
+  int blocks = static_cast<int>(wanted < cap ? (wanted > 0 ? wanted : 1) : cap);
+  sar_norm_kernel<In, Out, VEC><<<blocks, threads, 0, stream>>>(static_cast<const In*>(in), static_cast<Out*>(out),
+                                                                mask, a);
+  return cudaGetLastError();
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <typename In, typename Out, int VEC>
+cudaError_t dispatch_vec(const void* in, void* out, uint8_t* mask, const SarNormArgs& a, cudaStream_t s) {
+  // Vector path: whole vectors inside one channel plane, and every pointer aligned for its vector width.
+  bool ok = (a.hw % VEC == 0) && aligned16(in) && (reinterpret_cast<uintptr_t>(out) % (sizeof(Out) * VEC) == 0) &&
+            (reinterpret_cast<uintptr_t>(mask) % VEC == 0);
+  return ok ? launch<In, Out, VEC>(in, out, mask, a, s) : launch<In, Out, 1>(in, out, mask, a, s);
+}
+
+template <typename Out>
+cudaError_t dispatch_input(int input_kind, const void* in, void* out, uint8_t* mask, const SarNormArgs& a,
+                           cudaStream_t s) {
+  switch (input_kind) {
+    case IN_FLOAT: return dispatch_vec<float, Out, 4>(in, out, mask, a, s);
+    case IN_COMPLEX_FLOAT: return dispatch_vec<float2, Out, 2>(in, out, mask, a, s);
+    case IN_COMPLEX_INT16: return dispatch_vec<short2, Out, 4>(in, out, mask, a, s);
+    case IN_UINT16: return dispatch_vec<unsigned short, Out, 8>(in, out, mask, a, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+extern "C" cudaError_t knowlip_sar_norm(int input_kind, const void* in, void* out, int out_bf16, uint8_t* mask,
+                                        const SarNormArgs* args, cudaStream_t stream) {
+  if (args->n == 0) return cudaSuccess;
+  if (args->channels < 1 || args->channels > KNOWLIP_MAX_CHANNELS || args->hw < 1) return cudaErrorInvalidValue;
+  return out_bf16 ? dispatch_input<__nv_bfloat16>(input_kind, in, out, mask, *args, stream)
+                  : dispatch_input<float>(input_kind, in, out, mask, *args, stream);
+}
