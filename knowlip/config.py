@@ -112,8 +112,24 @@ class NormConfig:
 
 
 @dataclass
+class LossConfig:
+    """Weights and constants of the losses (method.md; the paper's values as defaults)."""
+
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    recon_weight: float = 1.0
+    momentum: float = 0.995  # EMA of the momentum encoders
+    alpha: float = 0.4  # momentum-distillation weight, ramped up linearly over train.alpha_ramp_steps
+    temp_init: float = 0.07
+    temp_min: float = 0.001
+    temp_max: float = 0.5
+    other_mask_prob: float = 0.05  # non-keyword tokens masked for reconstruction (keywords: always)
+    label_smoothing: float = 0.1
+
+
+@dataclass
 class ModelConfig:
-    """Model size preset and attention backend."""
+    """Model size preset, attention backend, pretrained weights and losses."""
 
     size: str = "tiny"  # tiny | base | large
     attention: str = "auto"  # auto | flash_attn | sdpa | reference
@@ -122,6 +138,8 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # a local Hugging Face tokenizer folder; None: train one on the captions
     pretrained_text: Optional[str] = None  # local HF BERT-family folder
     pretrained_vision: Optional[str] = None  # local safetensors file
+    queue_size: Optional[int] = None  # None: the preset's (57,600 for base, as in the paper)
+    losses: LossConfig = field(default_factory=LossConfig)
 
 
 @dataclass
@@ -130,7 +148,10 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.05
     warmup_steps: int = 5
+    alpha_ramp_steps: int = 20  # distillation weight ramps from 0 to model.losses.alpha (paper: first epoch)
     log_every: int = 5
+    device: str = "auto"  # auto | cpu | cuda
+    tokenizer_vocab: int = 2048  # WordPiece vocabulary trained on the captions when model.tokenizer is unset
 
 
 @dataclass

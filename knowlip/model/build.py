@@ -1,0 +1,28 @@
+"""Build the model from the `model` config section and a tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from knowlip.config import LossConfig
+from knowlip.model.dims import preset
+from knowlip.model.sar_knowlip import SarKnowLIP, SpecialTokens
+
+
+def loss_config(section) -> LossConfig:
+    return LossConfig(**{f.name: getattr(section, f.name) for f in fields(LossConfig)})
+
+
+def build_model(model_cfg, tokenizer) -> SarKnowLIP:
+    dims = preset(model_cfg.size, model_cfg.image_size, model_cfg.queue_size)
+    model = SarKnowLIP(dims, len(tokenizer), SpecialTokens.from_tokenizer(tokenizer), model_cfg.in_channels,
+                       model_cfg.attention, loss_config(model_cfg.losses))
+    if model_cfg.pretrained_text:
+        from knowlip.model.pretrained import load_hf_text
+
+        load_hf_text(model, model_cfg.pretrained_text)
+    if model_cfg.pretrained_vision:
+        from knowlip.model.pretrained import load_vit_safetensors
+
+        load_vit_safetensors(model, model_cfg.pretrained_vision)
+    return model

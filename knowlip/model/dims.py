@@ -1,0 +1,53 @@
+"""Model sizes. `tiny` is for tests and the quickstart (a training step well under a second on one CPU core);
+`base` is the paper's ViT-B/16 + BERT-base; `large` pairs ViT-L/16 with BERT-base (as BLIP-large does)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    patch: int = 16
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    image_size: int = 224  # what the position embeddings are built for; other sizes are interpolated
+
+
+@dataclass(frozen=True)
+class TextDims:
+    dim: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    max_positions: int = 512
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    vision: VisionDims
+    text: TextDims
+    embed_dim: int = 256  # the shared ITC space
+    queue_size: int = 57_600
+
+
+PRESETS: dict[str, ModelDims] = {
+    "tiny": ModelDims(VisionDims(patch=8, dim=64, depth=2, heads=2, image_size=64),
+                      TextDims(dim=64, layers=2, heads=2, intermediate=128, max_positions=256),
+                      embed_dim=32, queue_size=256),
+    "base": ModelDims(VisionDims(), TextDims()),
+    "large": ModelDims(VisionDims(dim=1024, depth=24, heads=16), TextDims()),
+}
+
+
+def preset(name: str, image_size: int | None = None, queue_size: int | None = None) -> ModelDims:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model size {name!r}; expected one of {', '.join(PRESETS)}")
+    dims = PRESETS[name]
+    if image_size:
+        dims = replace(dims, vision=replace(dims.vision, image_size=image_size))
+    if queue_size is not None:
+        dims = replace(dims, queue_size=queue_size)
+    return dims

@@ -1,0 +1,43 @@
+"""Collectives the losses need, written so that one process without a process group just works."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world(group=None) -> tuple[int, int]:
+    """(rank, world size) in `group`; (0, 1) without an initialised process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _check_equal_sizes(x: torch.Tensor, group) -> None:
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world(group)[1])]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device), group=group)
+    if len({int(s) for s in sizes}) != 1:
+        raise RuntimeError(f"ranks hold different batch sizes {[int(s) for s in sizes]}: contrastive gathers need "
+                           "equal per-rank batches (train with data.drop_last=true)")
+
+
+def gather_with_grad(x: torch.Tensor, group=None, check_sizes: bool = False) -> torch.Tensor:
+    """Concatenate every rank's x along dim 0; gradients flow back to each rank's own slice."""
+    _, size = world(group)
+    if size == 1:
+        return x
+    if check_sizes:
+        _check_equal_sizes(x, group)
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous(), group=group), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    _, size = world(group)
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=0)

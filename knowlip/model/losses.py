@@ -1,0 +1,105 @@
+"""The three SAR-KnowLIP losses (method.md), each a function of features and token tensors.
+
+Distributed choices are explicit: ITC is the local-loss formulation (each rank's rows against the gathered
+global batch, gradients through the gather), so logit memory grows linearly with the global batch; ITM
+samples its hard negatives over the global batch in one vectorised call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from knowlip.model.distributed import gather_no_grad, gather_with_grad, world
+
+
+def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor,
+             image_feat_m: torch.Tensor | None = None, text_feat_m: torch.Tensor | None = None,
+             image_queue: torch.Tensor | None = None, text_queue: torch.Tensor | None = None, alpha: float = 0.0,
+             group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Image-text contrastive loss with momentum distillation against a feature queue.
+
+    image_feat/text_feat: (B, E) L2-normalised online features of this rank (with grad).
+    *_feat_m: the momentum features (no grad); *_queue: (Q, E) momentum features of past batches.
+    Columns are [global in-batch; queue]; row i of rank r matches global column r*B + i.
+    Returns (loss, extras) where extras holds the global in-batch similarities for hard-negative mining.
+    """
+    rank, _ = world(group)
+    b = image_feat.shape[0]
+    image_all = gather_with_grad(image_feat, group, check_sizes=True)
+    text_all = gather_with_grad(text_feat, group)
+    labels = torch.arange(b, device=image_feat.device) + rank * b
+    text_cols, image_cols = text_all, image_all
+    if text_queue is not None:
+        text_cols = torch.cat([text_all, text_queue.detach()], dim=0)
+        image_cols = torch.cat([image_all, image_queue.detach()], dim=0)
+    sim_i2t = image_feat @ text_cols.t() / temp
+    sim_t2i = text_feat @ image_cols.t() / temp
+    one_hot = F.one_hot(labels, sim_i2t.shape[1]).to(sim_i2t.dtype)
+    targets_i2t = targets_t2i = one_hot
+    if alpha > 0 and image_feat_m is not None:
+        with torch.no_grad():
+            image_m_cols = gather_no_grad(image_feat_m, group)
+            text_m_cols = gather_no_grad(text_feat_m, group)
+            if text_queue is not None:
+                text_m_cols = torch.cat([text_m_cols, text_queue], dim=0)
+                image_m_cols = torch.cat([image_m_cols, image_queue], dim=0)
+            targets_i2t = alpha * (image_feat_m @ text_m_cols.t() / temp).softmax(1) + (1 - alpha) * one_hot
+            targets_t2i = alpha * (text_feat_m @ image_m_cols.t() / temp).softmax(1) + (1 - alpha) * one_hot
+    loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets_i2t).sum(1).mean()
+    loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * targets_t2i).sum(1).mean()
+    global_b = image_all.shape[0]
+    extras = {"sim_i2t": sim_i2t[:, :global_b].detach(), "sim_t2i": sim_t2i[:, :global_b].detach(),
+              "labels": labels}
+    return (loss_i2t + loss_t2i) / 2, extras
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each row, one column index drawn with probability softmax(sim) over the non-positive columns.
+
+    sim: (B, G) similarities of local rows to the global batch; positives: (B,) the positive column per row.
+    One torch.multinomial call for the whole batch; the positive has weight 0 and is never drawn.
+    """
+    if sim.shape[1] < 2:
+        raise ValueError("hard negatives need a global batch of at least 2 pairs")
+    weights = sim.float().softmax(dim=1) + 1e-5  # keep every negative possible even when softmax underflows
+    weights.scatter_(1, positives[:, None], 0.0)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def itm_targets(batch: int, device) -> torch.Tensor:
+    """Labels for [positives; image-with-negative-text; negative-image-with-text]: 1, 0, 0."""
+    return torch.cat([torch.ones(batch, dtype=torch.long, device=device),
+                      torch.zeros(2 * batch, dtype=torch.long, device=device)])
+
+
+def mask_for_reconstruction(ids: torch.Tensor, attention_mask: torch.Tensor, keyword_mask: torch.Tensor,
+                            special: torch.Tensor, mask_id: int, vocab_size: int, other_prob: float = 0.05,
+                            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask keywords always and other tokens with `other_prob`; of masked tokens 50% -> [MASK], 10% -> a random
+    token, 40% unchanged. Returns (masked ids, labels) with labels -100 where nothing is to be predicted."""
+    maskable = attention_mask.bool() & ~torch.isin(ids, special)
+    rand = lambda: torch.rand(ids.shape, device=ids.device, generator=generator)
+    chosen = maskable & (keyword_mask.bool() | (rand() < other_prob))
+    action = rand()
+    masked = ids.clone()
+    masked[chosen & (action < 0.5)] = mask_id
+    random_slots = chosen & (action >= 0.5) & (action < 0.6)
+    random_ids = torch.randint(0, vocab_size, ids.shape, device=ids.device, generator=generator)
+    masked[random_slots] = random_ids[random_slots]
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    return masked, labels
+
+
+def reconstruction_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Shifted next-token cross-entropy at masked positions only: logits at t predict the token at t + 1.
+
+    Always a function of `logits` (0 * sum when nothing is masked) so every rank runs the same backward.
+    """
+    shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    shifted_labels = labels[:, 1:].reshape(-1)
+    count = (shifted_labels != -100).sum()
+    total = F.cross_entropy(shifted_logits.float(), shifted_labels, ignore_index=-100,
+                            label_smoothing=label_smoothing, reduction="sum")
+    return total / count.clamp_min(1)
