@@ -88,6 +88,20 @@ def cmd_data_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from knowlip.train.trainer import Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _config(args)
+    result = Trainer(cfg).train()
+    first, last = result["history"][0]["loss"], result["history"][-1]["loss"]
+    print(f"trained {result['steps']} steps: loss {first:.4f} -> {last:.4f}; metrics in {result['metrics']}, "
+          f"weights and tokenizer in {cfg.run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knowlip", description="SAR-KnowLIP pretraining toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (pack.out_dir)")
     _add_config_args(p)
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("train", help="train the model on packed shards (plain PyTorch, one process)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="inspect and audit shards and the loader")
     dsub = p.add_subparsers(dest="data_command", required=True)

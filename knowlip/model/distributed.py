@@ -28,9 +28,27 @@ def gather_with_grad(x: torch.Tensor, group=None, check_sizes: bool = False) -> 
         return x
     if check_sizes:
         _check_equal_sizes(x, group)
-    from torch.distributed.nn.functional import all_gather
+    return _GatherWithGrad.apply(x, group)
 
-    return torch.cat(all_gather(x.contiguous(), group=group), dim=0)
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums every rank's gradient of the gathered tensor and keeps this rank's
+    slice (an all-reduce: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        ctx.rank, size = world(group)
+        ctx.rows = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
 
 
 @torch.no_grad()

@@ -59,13 +59,13 @@ def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, generator:
     """For each row, one column index drawn with probability softmax(sim) over the non-positive columns.
 
     sim: (B, G) similarities of local rows to the global batch; positives: (B,) the positive column per row.
-    One torch.multinomial call for the whole batch; the positive has weight 0 and is never drawn.
+    One torch.multinomial call for the whole batch; the positive has weight 0 and is never drawn, and at
+    least one negative has weight 1 before normalisation, so none underflows to an all-zero row.
     """
     if sim.shape[1] < 2:
         raise ValueError("hard negatives need a global batch of at least 2 pairs")
-    weights = sim.float().softmax(dim=1) + 1e-5  # keep every negative possible even when softmax underflows
-    weights.scatter_(1, positives[:, None], 0.0)
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    logits = sim.float().scatter(1, positives[:, None], float("-inf"))  # softmax over the negatives only
+    return torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
 
 
 def itm_targets(batch: int, device) -> torch.Tensor:

