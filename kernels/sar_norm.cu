@@ -12,30 +12,9 @@
 // nothing in between. A vector never straddles two channels (the launcher checks H*W % VEC == 0 and
 // alignment, else it runs the same kernel with VEC = 1).
 
-#include <cuda_runtime.h>
 #include <cuda_bf16.h>
-#include <stdint.h>
 
-#define KNOWLIP_MAX_CHANNELS 8
-
-enum InputKind { IN_FLOAT = 0, IN_COMPLEX_FLOAT = 1, IN_COMPLEX_INT16 = 2, IN_UINT16 = 3 };
-enum ProductKind { P_INTENSITY = 0, P_AMPLITUDE = 1, P_DB = 2, P_COMPLEX = 3, P_DN = 4 };
-
-struct SarNormArgs {
-  long long n;         // elements (complex pairs count once)
-  long long hw;        // elements per channel plane
-  int channels;
-  int mode;            // 0 scale, 1 standardise
-  float fill;
-  float nodata;
-  int has_nodata;
-  int kind[KNOWLIP_MAX_CHANNELS];
-  float lo[KNOWLIP_MAX_CHANNELS];
-  float hi[KNOWLIP_MAX_CHANNELS];
-  float scale[KNOWLIP_MAX_CHANNELS];   // 1/(hi-lo) or 1/std
-  float offset[KNOWLIP_MAX_CHANNELS];  // lo or mean
-  float gain[KNOWLIP_MAX_CHANNELS];    // uint16 DN: I = gain * dn^2
-};
+#include "sar_norm.cuh"
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {

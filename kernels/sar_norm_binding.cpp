@@ -3,28 +3,9 @@
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_runtime.h>
 #include <vector>
 
-#define KNOWLIP_MAX_CHANNELS 8
-struct SarNormArgs {
-  long long n;
-  long long hw;
-  int channels;
-  int mode;
-  float fill;
-  float nodata;
-  int has_nodata;
-  int kind[KNOWLIP_MAX_CHANNELS];
-  float lo[KNOWLIP_MAX_CHANNELS];
-  float hi[KNOWLIP_MAX_CHANNELS];
-  float scale[KNOWLIP_MAX_CHANNELS];
-  float offset[KNOWLIP_MAX_CHANNELS];
-  float gain[KNOWLIP_MAX_CHANNELS];
-};
-
-extern "C" cudaError_t knowlip_sar_norm(int input_kind, const void* in, void* out, int out_bf16, uint8_t* mask,
-                                        const SarNormArgs* args, cudaStream_t stream);
+#include "sar_norm.cuh"
 
 // x: contiguous CUDA tensor (B, C, H, W) [float32, uint16] or (B, C, H, W, 2) [float32, int16] or complex64.
 // out and mask: preallocated (B, C, H, W), float32/bfloat16 and bool.

@@ -26,4 +26,5 @@ def test_wheel_ships_the_cuda_sources(tmp_path):
 
     (wheel,) = tmp_path.glob("knowlip-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "knowlip/_kernels/sar_norm.cu" in names and "knowlip/_kernels/sar_norm_binding.cpp" in names
+    for source in ("sar_norm.cu", "sar_norm.cuh", "sar_norm_binding.cpp"):
+        assert f"knowlip/_kernels/{source}" in names

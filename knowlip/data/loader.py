@@ -260,7 +260,10 @@ class StreamingLoader:
                              self.tokenizer, self.decode_chip)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            persistent_workers=False, multiprocessing_context="fork" if self.num_workers else None)
+                            persistent_workers=False, multiprocessing_context="fork" if self.num_workers else None,
+                            # its own generator: creating the iterator must not draw from torch's global RNG,
+                            # or a resumed run's random stream (masking, negatives) would shift
+                            generator=torch.Generator().manual_seed(self.seed))
         expected = self.step_in_epoch
         for batch, slices in zip(loader, steps):
             if batch["step_in_epoch"] != expected:  # guards the in-order contract of the DataLoader

@@ -7,6 +7,7 @@ attention mask and a keyword mask: the tokens the reconstruction loss always mas
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -16,16 +17,27 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[ENC]", "[DEC]"
 
 
 def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 4096) -> Path:
-    """Train an uncased BERT-style WordPiece tokenizer and save it as a HF fast tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """Build an uncased BERT-style WordPiece tokenizer from captions and save it as a HF fast tokenizer folder.
+
+    The vocabulary is built deterministically (the `tokenizers` trainer numbers and breaks ties in hash-map
+    order, so two runs on the same captions disagree): special tokens, every character alone and as a
+    "##" continuation (so nothing is ever unknown), then whole words by frequency, ties alphabetical.
+    Structured captions have a small vocabulary, so whole words cover nearly all of it.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab_list = SPECIAL_TOKENS + chars + [f"##{c}" for c in chars]
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in set(vocab_list)]
+    vocab_list += words[: max(0, vocab_size - len(vocab_list))]
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(vocab_list)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece()
+    cls, sep = vocab_list.index("[CLS]"), vocab_list.index("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls),
                                                                                                 ("[SEP]", sep)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",

@@ -12,9 +12,11 @@ import contextlib
 import json
 import logging
 import math
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -49,6 +51,22 @@ def shard_captions(shards: str) -> list[str]:
     """Every caption of a shard folder (one pass, chips not decoded), for training a tokenizer."""
     loader = StreamingLoader(shards, batch_size=256, drop_last=False, decode_chip=False)
     return [c for batch in loader for c in batch["captions"]]
+
+
+def rng_state() -> dict:
+    """Every RNG a step draws from (masking and hard negatives use torch's), for bit-exact resumes."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Trainer:
@@ -125,8 +143,10 @@ class Trainer:
         self.step += 1
         return {k: float(v.detach()) for k, v in out.items()}
 
-    def train(self) -> dict:
+    def train(self, until: int | None = None) -> dict:
+        """Train to `until` steps (default train.steps; an earlier stop is what a preemption looks like)."""
         cfg = self.cfg
+        last = cfg.train.steps if until is None else min(until, cfg.train.steps)
         flops = training_flops_per_sample(self.model.dims, len(self.tokenizer), cfg.model.image_size,
                                           cfg.data.max_text_len, cfg.model.in_channels, cfg.data.batch_size,
                                           self.model.dims.queue_size)
@@ -135,7 +155,7 @@ class Trainer:
         history: list[dict] = []
         window_start, window_samples, data_time = time.perf_counter(), 0, 0.0
         with metrics_path.open("a") as metrics:
-            while self.step < cfg.train.steps:
+            while self.step < last:
                 fetch = time.perf_counter()
                 for batch in self.loader:
                     data_time += time.perf_counter() - fetch
@@ -157,11 +177,25 @@ class Trainer:
                                  values["loss"], values["loss_itc"], values["loss_itm"], values["loss_recon"],
                                  row["samples_per_s"])
                         window_start, window_samples, data_time = time.perf_counter(), 0, 0.0
-                    if self.step >= cfg.train.steps:
+                    if self.step >= last:
                         break
                     fetch = time.perf_counter()
-        self.save_final()
+        if self.step >= cfg.train.steps:
+            self.save_final()
         return {"steps": self.step, "history": history, "flops_per_sample": flops, "metrics": str(metrics_path)}
+
+    # -- resumable state (the checkpoint layer collects this) ----------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "loader": self.loader.state_dict(), "rng": rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        self.step = int(state["step"])
+        set_rng_state(state["rng"])
 
     def save_final(self) -> Path:
         from safetensors.torch import save_file
