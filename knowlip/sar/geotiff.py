@@ -228,19 +228,26 @@ def iter_chips(
     product: str = "auto",
     band_names: Sequence[str] = (),
 ) -> Iterator[Chip]:
-    """Tile one scene into chips, reading one window at a time (memory bounded by the chip size)."""
+    """Tile one scene into chips, reading one strip of chip rows at a time: memory is bounded by
+    size x scene width, and GDAL's per-read overhead is paid once per strip rather than once per chip."""
     path = Path(path)
     info = open_scene(path, product, band_names)
+    grid = chip_grid(info.height, info.width, size, stride)
     try:
         with rasterio.open(path) as src:
-            for row, col in chip_grid(info.height, info.width, size, stride):
-                window = rasterio.windows.Window(col, row, size, size)
-                data, valid = _read_window(src, window, info)
-                fraction = float(valid.mean())
-                if fraction < min_valid_fraction:
-                    continue
-                meta = chip_meta(info, src.window_transform(window), window, fraction)
-                yield Chip(chip_id(info.scene_id, row, col), data, fraction, meta)
+            for row in sorted({r for r, _ in grid}):
+                strip, strip_valid = _read_window(src, rasterio.windows.Window(0, row, info.width, size), info)
+                cols = [c for r, c in grid if r == row]
+                centres = _chip_centres_lonlat(info, row, cols, size)
+                for col, centre in zip(cols, centres):
+                    valid = strip_valid[:, col : col + size]
+                    fraction = float(valid.mean())
+                    if fraction < min_valid_fraction:
+                        continue
+                    window = rasterio.windows.Window(col, row, size, size)
+                    data = np.ascontiguousarray(strip[:, :, col : col + size])
+                    meta = chip_meta(info, src.window_transform(window), window, fraction, centre)
+                    yield Chip(chip_id(info.scene_id, row, col), data, fraction, meta)
     except RasterioIOError as exc:
         raise SarReadError(f"{path}: read failed ({_short(exc)})") from exc
 
@@ -260,10 +267,19 @@ def _read_window(src, window, info: SceneInfo) -> tuple[np.ndarray, np.ndarray]:
     return data, valid
 
 
-def chip_meta(info: SceneInfo, transform, window, valid_fraction: float) -> dict:
+def _chip_centres_lonlat(info: SceneInfo, row: int, cols: list[int], size: int) -> list[list[float]]:
+    """WGS84 centres of a strip's chips, in one reprojection call."""
+    if not cols:
+        return []
+    corner = info.affine()
+    xs, ys = zip(*(corner @ (c + size / 2, row + size / 2) for c in cols))
+    lons, lats = rasterio.warp.transform(info.crs, "EPSG:4326", list(xs), list(ys))
+    return [[float(lon), float(lat)] for lon, lat in zip(lons, lats)]
+
+
+def chip_meta(info: SceneInfo, transform, window, valid_fraction: float, center_lonlat: list[float]) -> dict:
     """A chip's own georeference plus what it inherits from its scene."""
     left, bottom, right, top = rasterio.windows.bounds(window, info.affine())
-    cx, cy = (left + right) / 2, (bottom + top) / 2
     return {
         "scene_id": info.scene_id,
         "source": Path(info.path).name,
@@ -271,7 +287,7 @@ def chip_meta(info: SceneInfo, transform, window, valid_fraction: float) -> dict
         "crs": info.crs,
         "transform": list(transform)[:6],
         "bounds": [left, bottom, right, top],
-        "center_lonlat": _to_lonlat(rasterio.crs.CRS.from_user_input(info.crs), cx, cy),
+        "center_lonlat": center_lonlat,
         "pixel_spacing_m": info.pixel_spacing_m,
         "product": info.product,
         "polarisations": info.polarisations,
