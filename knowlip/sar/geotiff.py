@@ -271,8 +271,8 @@ def _chip_centres_lonlat(info: SceneInfo, row: int, cols: list[int], size: int) 
     """WGS84 centres of a strip's chips, in one reprojection call."""
     if not cols:
         return []
-    corner = info.affine()
-    xs, ys = zip(*(corner @ (c + size / 2, row + size / 2) for c in cols))
+    pixel_to_crs = info.affine()
+    xs, ys = zip(*(pixel_to_crs @ (c + size / 2, row + size / 2) for c in cols))
     lons, lats = rasterio.warp.transform(info.crs, "EPSG:4326", list(xs), list(ys))
     return [[float(lon), float(lat)] for lon, lat in zip(lons, lats)]
 
