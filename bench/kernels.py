@@ -81,21 +81,31 @@ def check(name, x, p, out_dtype, results):
                       "mask_equal": ok_mask, "no_nan": ok_nan, "max_err": err}))
 
 
-def real_scene_inputs(device):
-    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "sentinel1"
+SCENES_NPY = Path(__file__).resolve().parent / "sentinel1_db.npy"  # made by --export-scenes, not committed
+
+
+def read_real_scenes_db() -> np.ndarray | None:
+    """(2, 1, 216, 264) dB values of the real Sentinel-1 scenes: from the GeoTIFFs when rasterio is here,
+    else from the .npy that `--export-scenes` wrote (the GPU machines have no rasterio: carry that file)."""
     try:
         import rasterio
     except ImportError:
-        print(json.dumps({"check": "real_scenes", "skipped": "rasterio not installed"}))
-        return []
+        return np.load(SCENES_NPY) if SCENES_NPY.is_file() else None
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "sentinel1"
     arrays = []
     for tif in sorted(root.glob("*.tif")):
         with rasterio.open(tif) as src:
             arrays.append(src.read(1)[:216, :264])
-    if not arrays:
-        print(json.dumps({"check": "real_scenes", "skipped": f"no scenes in {root}"}))
+    return np.stack(arrays)[:, None] if arrays else None
+
+
+def real_scene_inputs(device):
+    db_np = read_real_scenes_db()
+    if db_np is None:
+        print(json.dumps({"check": "real_scenes", "skipped": f"no rasterio and no {SCENES_NPY.name}; run "
+                          "`python bench/kernels.py --export-scenes` where rasterio is installed"}))
         return []
-    db = torch.from_numpy(np.stack(arrays)[:, None].copy())
+    db = torch.from_numpy(np.ascontiguousarray(db_np))
     intensity = torch.where(db == -99.0, torch.zeros_like(db), 10.0 ** (db.double() / 10.0)).float()
     return [("sentinel1_db", db.to(device), NormParams(("db",), (VV,), nodata=-99.0)),
             ("sentinel1_intensity", intensity.to(device), NormParams(("intensity",), (VV,)))]
@@ -156,7 +166,17 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--export-scenes", action="store_true",
+                        help=f"write the real scenes to {SCENES_NPY.name} (for machines without rasterio) and exit")
     args = parser.parse_args()
+    if args.export_scenes:
+        scenes = read_real_scenes_db()
+        if scenes is None:
+            print("no scenes found (needs rasterio and ../shared/data/sentinel1)")
+            return 1
+        np.save(SCENES_NPY, scenes)
+        print(f"wrote {SCENES_NPY} {scenes.shape} {scenes.dtype}")
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here: run this on a GPU machine (or --device cpu for a smoke test)")

@@ -33,3 +33,12 @@ def test_ptx_uses_16_byte_loads(tmp_path):
     text = ptx.read_text()
     assert text.count("ld.global.nc.v4.f32") >= 4  # float x4 and complex float2 x2, for both output dtypes
     assert text.count("ld.global.nc.v4.u32") >= 4  # uint16 x8 and int16 pairs x4
+
+
+def test_cu_compiles_with_the_flags_torch_extensions_add(tmp_path):
+    """torch.utils.cpp_extension builds .cu files with these macros; bf16 code must not need what they remove."""
+    flags = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+             "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
+    proc = subprocess.run([NVCC, "-gencode", "arch=compute_90,code=sm_90", "-O3", *flags, "-c",
+                           str(kernel_sources()[0]), "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
