@@ -401,3 +401,12 @@ def test_base_flops_are_in_the_known_range():
     assert text_forward_flops(base, 77, "text") / 1e9 == pytest.approx(13.1, rel=0.05)  # 2 FLOPs per MAC
     per_sample = training_flops_per_sample(base, 30524, 224, 128, 1, global_batch=512)
     assert 300e9 < per_sample < 1000e9
+
+
+def test_itm_negatives_come_from_one_sampling_call_per_step(monkeypatch):
+    calls = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    m = tiny()
+    m(*batch(b=5))
+    assert calls == [torch.Size([10, 5])]  # 5 image rows + 5 text rows against the global batch of 5

@@ -161,8 +161,9 @@ class SarKnowLIP(nn.Module):
     def _itm(self, image_embeds, ids, attention_mask, sims, group) -> tuple[torch.Tensor, torch.Tensor]:
         b = ids.shape[0]
         labels = sims["labels"]
-        neg_text_idx = sample_hard_negatives(sims["sim_i2t"], labels)  # for each image, a global text
-        neg_image_idx = sample_hard_negatives(sims["sim_t2i"], labels)  # for each text, a global image
+        # One sampling call for both directions: rows [images vs texts; texts vs images] of the global batch.
+        negatives = sample_hard_negatives(torch.cat([sims["sim_i2t"], sims["sim_t2i"]]), torch.cat([labels, labels]))
+        neg_text_idx, neg_image_idx = negatives[:b], negatives[b:]  # a text per image, an image per text
         ids_all, att_all = gather_no_grad(ids, group), gather_no_grad(attention_mask, group)
         image_all = gather_with_grad(image_embeds, group)
         pair_images = torch.cat([image_embeds, image_embeds, image_all[neg_image_idx]], dim=0)
