@@ -217,6 +217,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             key = getattr(exc, "full_key", None) or "?"
             raise ConfigError(f"{source}: bad value for '{key}': {_first_line(exc)}") from exc
     _check_choices(cfg)
+    _check_ranges(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -257,6 +258,47 @@ def _check_choices(cfg: DictConfig) -> None:
                 hint = difflib.get_close_matches(str(v), allowed, n=1)
                 extra = f"; did you mean '{hint[0]}'?" if hint else ""
                 raise ConfigError(f"bad value for '{key}': {v!r} is not one of {', '.join(allowed)}{extra}")
+
+
+# key -> (predicate, what it must be); checked after merging, before anything runs.
+RANGES: dict[str, tuple] = {
+    "synth.num_scenes": (lambda v: v >= 1, "at least 1"),
+    "synth.size": (lambda v: v >= 8, "at least 8"),
+    "pack.chip.size": (lambda v: v >= 1, "at least 1"),
+    "pack.chip.stride": (lambda v: v >= 1, "at least 1"),
+    "pack.chip.min_valid_fraction": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "pack.shard_max_samples": (lambda v: v >= 1, "at least 1"),
+    "pack.shard_max_bytes": (lambda v: v >= 1024, "at least 1024"),
+    "data.batch_size": (lambda v: v >= 1, "at least 1"),
+    "data.num_workers": (lambda v: v >= 0, "0 or more"),
+    "data.shuffle_block": (lambda v: v >= 1, "at least 1"),
+    "data.max_text_len": (lambda v: v >= 8, "at least 8"),
+    "data.prefetch_factor": (lambda v: v >= 1, "at least 1"),
+    "model.in_channels": (lambda v: 1 <= v <= 8, "between 1 and 8"),
+    "model.image_size": (lambda v: v >= 8, "at least 8"),
+    "model.losses.momentum": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "model.losses.alpha": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "model.losses.other_mask_prob": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "model.losses.label_smoothing": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "train.steps": (lambda v: v >= 1, "at least 1"),
+    "train.lr": (lambda v: v > 0, "positive"),
+    "train.warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "train.log_every": (lambda v: v >= 1, "at least 1"),
+}
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, (ok, expected) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"bad value for '{key}': {value!r} must be {expected}")
+    for pol, bounds in list(cfg.norm.clip_db.items()) + [("default", cfg.norm.default_clip_db)]:
+        if len(bounds) != 2 or not bounds[0] < bounds[1]:
+            raise ConfigError(f"bad value for the norm clip range of {pol}: {list(bounds)} must be [low, high] dB "
+                              "with low < high")
+    queue = cfg.model.queue_size
+    if queue is not None and queue < 1:
+        raise ConfigError(f"bad value for 'model.queue_size': {queue} must be at least 1 (or null for the preset)")
 
 
 def _first_line(exc: Exception) -> str:

@@ -75,3 +75,14 @@ def test_cli_config_typo_exits_2_with_suggestion():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "did you mean 'model.size'" in proc.stderr
+
+
+@pytest.mark.parametrize("override,match", [
+    ("data.batch_size=0", "'data.batch_size': 0 must be at least 1"),
+    ("pack.chip.min_valid_fraction=1.5", "in \\[0, 1\\]"),
+    ("norm.clip_db.VV=[0,-25]", "clip range of VV"),
+    ("model.queue_size=0", "model.queue_size"),
+])
+def test_out_of_range_values_fail_before_anything_runs(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])

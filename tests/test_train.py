@@ -67,3 +67,10 @@ def test_resume_mid_epoch_is_bit_exact(synth_shards, tmp_path):
     resumed.train()
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+@pytest.mark.parametrize("override,match", [("model.in_channels=2", r"chips have \[1\] channel"),
+                                            ("data.batch_size=100000", "fewer than one batch")])
+def test_data_that_cannot_feed_the_model_fails_at_start(synth_shards, tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        Trainer(make_config(tmp_path, f"data.shards={synth_shards}", override))

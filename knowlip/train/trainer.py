@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from knowlip.data.loader import StreamingLoader, build_loader
+from knowlip.data.shards import load_index
 from knowlip.model.build import build_model
 from knowlip.model.flops import training_flops_per_sample
 from knowlip.ops.sar_norm import params_from_config, sar_normalize
@@ -69,12 +70,25 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_data_fits(cfg) -> None:
+    """Fail before building anything when the shards cannot feed this model and batch."""
+    index = load_index(cfg.data.shards)
+    channels = {len(b.split("+")) for b in index.info.get("report", {}).get("bands", {})}
+    if channels and channels != {cfg.model.in_channels}:
+        raise ValueError(f"{index.root}: chips have {sorted(channels)} channel(s) but model.in_channels="
+                         f"{cfg.model.in_channels}")
+    if index.total_samples < cfg.data.batch_size:
+        raise ValueError(f"{index.root}: {index.total_samples} samples are fewer than one batch "
+                         f"(data.batch_size={cfg.data.batch_size})")
+
+
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.train.device)
+        check_data_fits(cfg)
         torch.manual_seed(cfg.seed)
         self.tokenizer = self._tokenizer()
         self.text = CaptionTokenizer(self.tokenizer, cfg.data.max_text_len)
