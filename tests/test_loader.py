@@ -131,13 +131,14 @@ def shard_copy(synth_shards, tmp_path):
     return dst
 
 
-def test_corrupt_sample_is_skipped_counted_and_batch_size_kept(shard_copy):
+@pytest.mark.parametrize("where", [512, 20])  # the .npy magic; the tar header's member name (bad checksum)
+def test_corrupt_sample_is_skipped_counted_and_batch_size_kept(shard_copy, where):
     index = load_index(shard_copy)
     shard = index.shards[1]
-    offset, _ = shard.sample_range(shard.samples // 2)
+    offset, _ = shard.sample_range(shard.samples // 2)  # a sample in the middle of a shard
     path = index.path(shard)
     raw = bytearray(path.read_bytes())
-    raw[offset + 512 : offset + 520] = b"garbage!"  # the .npy magic of a sample in the middle of a shard
+    raw[offset + where : offset + where + 8] = b"garbage!"
     path.write_bytes(bytes(raw))
     loaders = make(shard_copy, 2, 2, 4, drop_last=False, shuffle_block=16)
     steps, sizes = [], []

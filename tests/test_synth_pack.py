@@ -113,3 +113,21 @@ def test_cli_synth_pack_inspect(tmp_path):
     assert missing.returncode == 1 and "nowhere" in missing.stderr and "no shard index" in missing.stderr
     for sub in (["synth"], ["pack"], ["data", "inspect"], ["config", "show"]):
         assert run(*sub, "--help").returncode == 0
+
+
+def test_inspect_reports_a_damaged_shard_instead_of_failing(synth_shards, tmp_path):
+    import shutil
+
+    from knowlip.data.inspect import inspect_shards
+
+    copy = tmp_path / "shards"
+    shutil.copytree(synth_shards, copy)
+    index = load_index(copy)
+    shard = index.shards[0]
+    offset, _ = shard.sample_range(3)
+    raw = bytearray(index.path(shard).read_bytes())
+    raw[offset + 20 : offset + 28] = b"garbage!"  # breaks the 4th sample's tar header checksum
+    index.path(shard).write_bytes(bytes(raw))
+    report = inspect_shards(str(copy))
+    assert len(report["damaged_shards"]) == 1 and shard.name in report["damaged_shards"][0]
+    assert report["samples"] == index.total_samples - shard.samples + 3

@@ -13,54 +13,77 @@ from knowlip.data.shards import CAPTION_EXT, CHIP_EXT, META_EXT, load_index
 from knowlip.text.caption import FIELDS, CaptionError, parse_caption
 
 
+class _Stats:
+    """Counts gathered over every sample."""
+
+    def __init__(self) -> None:
+        self.bands, self.dtypes, self.shapes = Counter(), Counter(), Counter()
+        self.products, self.crs, self.clauses = Counter(), Counter(), Counter()
+        self.keywords: dict[str, Counter] = defaultdict(Counter)
+        self.words: list[int] = []
+        self.lons: list[float] = []
+        self.lats: list[float] = []
+        self.samples = self.unparsed = 0
+
+    def add(self, sample: dict[str, bytes]) -> None:
+        meta = json.loads(sample[META_EXT])
+        header = _npy_header(sample[CHIP_EXT])
+        self.samples += 1
+        self.bands["+".join(meta["polarisations"])] += 1
+        self.dtypes[header["descr"]] += 1
+        self.shapes["x".join(map(str, header["shape"]))] += 1
+        self.products[meta["product"]] += 1
+        self.crs[meta["crs"] if meta["crs"].startswith("EPSG") else "WKT"] += 1
+        lon, lat = meta["center_lonlat"]
+        self.lons.append(lon)
+        self.lats.append(lat)
+        text = sample[CAPTION_EXT].decode()
+        self.words.append(len(text.split()))
+        try:
+            cap = parse_caption(text)
+        except CaptionError:
+            self.unparsed += 1
+            return
+        for f, kw in cap.clauses.items():
+            self.clauses[f] += 1
+            if f in FIELDS:
+                self.keywords[f][kw] += 1
+
+
 def inspect_shards(root: str) -> dict:
-    """Read every sample once (with the standard tarfile reader, independent of our index offsets)."""
+    """Read every sample once (with the standard tarfile reader, independent of our index offsets).
+    A damaged shard is reported with what could be read of it, not fatal."""
     index = load_index(root)
-    bands, dtypes, shapes, products, crs = Counter(), Counter(), Counter(), Counter(), Counter()
-    clause_count: Counter = Counter()
-    keywords: dict[str, Counter] = defaultdict(Counter)
-    words, unparsed, samples = [], 0, 0
-    lons, lats = [], []
+    stats, damaged = _Stats(), []
     for shard in index.shards:
-        with tarfile.open(index.path(shard)) as tar:
-            for sample in _samples(tar):
-                samples += 1
-                meta = json.loads(sample[META_EXT])
-                header = _npy_header(sample[CHIP_EXT])
-                bands["+".join(meta["polarisations"])] += 1
-                dtypes[header["descr"]] += 1
-                shapes["x".join(map(str, header["shape"]))] += 1
-                products[meta["product"]] += 1
-                crs[meta["crs"] if meta["crs"].startswith("EPSG") else "WKT"] += 1
-                lon, lat = meta["center_lonlat"]
-                lons.append(lon)
-                lats.append(lat)
-                text = sample[CAPTION_EXT].decode()
-                words.append(len(text.split()))
-                try:
-                    cap = parse_caption(text)
-                except CaptionError:
-                    unparsed += 1
-                    continue
-                for f, kw in cap.clauses.items():
-                    clause_count[f] += 1
-                    if f in FIELDS:
-                        keywords[f][kw] += 1
+        before = stats.samples
+        try:
+            with tarfile.open(index.path(shard)) as tar:
+                for sample in _samples(tar):
+                    stats.add(sample)
+        except (tarfile.TarError, ValueError, KeyError, UnicodeDecodeError) as exc:
+            damaged.append(f"{shard.name}: {type(exc).__name__}: {exc}")
+            continue
+        read = stats.samples - before
+        if read != shard.samples:  # tarfile stops quietly at a bad header in mid-archive
+            damaged.append(f"{shard.name}: read {read} of {shard.samples} samples (damaged after sample {read})")
+    s = stats
     return {
         "root": str(index.root),
         "shards": len(index.shards),
-        "samples": samples,
+        "samples": s.samples,
         "samples_in_index": index.total_samples,
-        "bands": dict(bands),
-        "dtypes": dict(dtypes),
-        "chip_shapes": dict(shapes),
-        "products": dict(products),
-        "crs": dict(crs),
-        "extent_lonlat": [min(lons), min(lats), max(lons), max(lats)] if lons else None,
-        "caption_words_mean": round(float(np.mean(words)), 1) if words else 0.0,
-        "captions_without_all_clauses": unparsed,
-        "clause_counts": dict(clause_count),
-        "top_keywords": {f: keywords[f].most_common(3) for f in FIELDS if keywords[f]},
+        "damaged_shards": damaged,
+        "bands": dict(s.bands),
+        "dtypes": dict(s.dtypes),
+        "chip_shapes": dict(s.shapes),
+        "products": dict(s.products),
+        "crs": dict(s.crs),
+        "extent_lonlat": [min(s.lons), min(s.lats), max(s.lons), max(s.lats)] if s.lons else None,
+        "caption_words_mean": round(float(np.mean(s.words)), 1) if s.words else 0.0,
+        "captions_without_all_clauses": s.unparsed,
+        "clause_counts": dict(s.clauses),
+        "top_keywords": {f: s.keywords[f].most_common(3) for f in FIELDS if s.keywords[f]},
         "pack_report": {k: v for k, v in index.info.get("report", {}).items() if k in
                         ("scenes_packed", "skipped_files", "caption_errors", "chips_without_caption")},
     }
@@ -100,6 +123,8 @@ def format_report(r: dict) -> str:
     ]
     for f, top in r["top_keywords"].items():
         lines.append(f"    {f}: " + "; ".join(f"{kw} ({n})" for kw, n in top))
+    for damaged in r["damaged_shards"]:
+        lines.append(f"  DAMAGED {damaged}")
     rep = r["pack_report"]
     if rep:
         lines.append(f"  pack: {rep.get('scenes_packed')} scenes, {len(rep.get('skipped_files', []))} files skipped, "

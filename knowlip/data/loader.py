@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -186,7 +187,7 @@ class _RankSteps(IterableDataset):
         for gid in ids:
             try:
                 samples.append(decode_sample(reader.read(int(gid)), self.decode_chip))
-            except (ShardError, ValueError, KeyError, UnicodeDecodeError, EOFError) as exc:
+            except (ShardError, tarfile.TarError, ValueError, KeyError, UnicodeDecodeError, EOFError) as exc:
                 shard, i = reader.key_of(int(gid))
                 errors.append(f"{shard}#{i}: {type(exc).__name__}: {exc}")
                 samples.append(None)
