@@ -30,13 +30,11 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from knowlip.sar.synth import synthesise
+    from knowlip.sar.synth import synthesise_from_config
 
     cfg = _config(args, [f"synth.out_dir={args.out}"] if args.out else [])
-    s = cfg.synth
-    paths = synthesise(s.out_dir, s.num_scenes, s.size, s.seed, list(s.polarisations), list(s.products),
-                       s.looks, s.pixel_spacing_m, cfg.pack.chip.size, cfg.pack.chip.stride)
-    print(f"wrote {len(paths)} scenes and captions.jsonl to {s.out_dir}")
+    paths = synthesise_from_config(cfg)
+    print(f"wrote {len(paths)} scenes and captions.jsonl to {cfg.synth.out_dir}")
     return 0
 
 

@@ -45,13 +45,11 @@ def make_config(tmp: Path, *overrides: str):
 def synth_shards(tmp_path_factory) -> Path:
     """A small synthetic dataset packed into several uneven shards (shared, read-only for tests)."""
     from knowlip.data.pack import pack
-    from knowlip.sar.synth import synthesise
+    from knowlip.sar.synth import synthesise_from_config
 
     tmp = tmp_path_factory.mktemp("synth")
     cfg = make_config(tmp, "synth.num_scenes=6", "synth.size=128", "pack.chip.size=32", "pack.chip.stride=32",
                       "pack.shard_max_samples=23")
-    s = cfg.synth
-    synthesise(s.out_dir, s.num_scenes, s.size, s.seed, list(s.polarisations), list(s.products), s.looks,
-               s.pixel_spacing_m, cfg.pack.chip.size, cfg.pack.chip.stride)
+    synthesise_from_config(cfg)
     pack(cfg)
     return tmp / "shards"

@@ -10,14 +10,12 @@ import webdataset as wds
 from conftest import make_config
 from knowlip.data.pack import pack
 from knowlip.data.shards import load_index
-from knowlip.sar.synth import synthesise
+from knowlip.sar.synth import synthesise_from_config
 from knowlip.text.caption import parse_caption
 
 
 def _synth(cfg):
-    s = cfg.synth
-    return synthesise(s.out_dir, s.num_scenes, s.size, s.seed, list(s.polarisations), list(s.products), s.looks,
-                      s.pixel_spacing_m, cfg.pack.chip.size, cfg.pack.chip.stride)
+    return synthesise_from_config(cfg)
 
 
 def _digest(folder):

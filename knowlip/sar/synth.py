@@ -277,3 +277,10 @@ def synthesise(out_dir: str | Path, num_scenes: int, size: int, seed: int, polar
         for rec in records:
             f.write(json.dumps(rec) + "\n")
     return paths
+
+
+def synthesise_from_config(cfg) -> list[Path]:
+    """`synthesise` with the `synth` section, writing per-chip captions for the `pack.chip` grid."""
+    s = cfg.synth
+    return synthesise(s.out_dir, s.num_scenes, s.size, s.seed, list(s.polarisations), list(s.products), s.looks,
+                      s.pixel_spacing_m, cfg.pack.chip.size, cfg.pack.chip.stride)
