@@ -16,13 +16,15 @@
 
 #include "sar_norm.cuh"
 
+#define KNOWLIP_HD __host__ __device__ __forceinline__
+
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
 // dB and validity of one raw element, per input type.
-__device__ __forceinline__ float db_of(float x, int kind, float, const SarNormArgs& a, bool& valid) {
+KNOWLIP_HD float db_of(float x, int kind, float, const SarNormArgs& a, bool& valid) {
   valid = isfinite(x) && !(a.has_nodata && x == a.nodata);
   if (kind == P_DB) return x;
   valid = valid && x > 0.0f;
@@ -30,28 +32,52 @@ __device__ __forceinline__ float db_of(float x, int kind, float, const SarNormAr
   return kind == P_AMPLITUDE ? 20.0f * l : 10.0f * l;
 }
 
-__device__ __forceinline__ float db_of(float2 z, int, float, const SarNormArgs&, bool& valid) {
+KNOWLIP_HD float db_of(float2 z, int, float, const SarNormArgs&, bool& valid) {
   float i = z.x * z.x + z.y * z.y;
   valid = isfinite(i) && i > 0.0f;
   return 10.0f * log10f(i);
 }
 
-__device__ __forceinline__ float db_of(short2 z, int, float, const SarNormArgs&, bool& valid) {
+KNOWLIP_HD float db_of(short2 z, int, float, const SarNormArgs&, bool& valid) {
   float re = static_cast<float>(z.x), im = static_cast<float>(z.y);
   float i = re * re + im * im;
   valid = i > 0.0f;
   return 10.0f * log10f(i);
 }
 
-__device__ __forceinline__ float db_of(unsigned short d, int, float gain, const SarNormArgs& a, bool& valid) {
+KNOWLIP_HD float db_of(unsigned short d, int, float gain, const SarNormArgs& a, bool& valid) {
   float f = static_cast<float>(d);
   float i = gain * f * f;
   valid = i > 0.0f && !(a.has_nodata && f == a.nodata);
   return 10.0f * log10f(i);
 }
 
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+KNOWLIP_HD void store(float* p, float v) { *p = v; }
+KNOWLIP_HD void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// One vector of VEC elements: the whole per-element computation, shared by the kernel and by the host
+// harness the CPU tests compile (tests/kernel_host_harness.cu), so the maths the GPU runs is checked here too.
+template <typename In, typename Out, int VEC>
+KNOWLIP_HD void normalise_vector(const In* __restrict__ in, Out* __restrict__ out, uint8_t* __restrict__ mask,
+                                 const SarNormArgs& a, long long v) {
+  const long long i0 = v * VEC;
+  const int c = static_cast<int>((i0 / a.hw) % a.channels);
+  const int kind = a.kind[c];
+  const float lo = a.lo[c], hi = a.hi[c], scale = a.scale[c], offset = a.offset[c], gain = a.gain[c];
+  const Vec<In, VEC> x = *reinterpret_cast<const Vec<In, VEC>*>(in + i0);
+  Vec<Out, VEC> y;
+  Vec<uint8_t, VEC> m;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    bool valid;
+    float db = db_of(x.v[k], kind, gain, a, valid);
+    float r = (fminf(fmaxf(db, lo), hi) - offset) * scale;
+    store(&y.v[k], valid ? r : a.fill);
+    m.v[k] = valid ? 1 : 0;
+  }
+  *reinterpret_cast<Vec<Out, VEC>*>(out + i0) = y;
+  *reinterpret_cast<Vec<uint8_t, VEC>*>(mask + i0) = m;
+}
 
 template <typename In, typename Out, int VEC>
 __global__ void __launch_bounds__(256) sar_norm_kernel(const In* __restrict__ in, Out* __restrict__ out,
@@ -59,24 +85,16 @@ __global__ void __launch_bounds__(256) sar_norm_kernel(const In* __restrict__ in
   const long long nvec = a.n / VEC;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   for (long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec; v += stride) {
-    const long long i0 = v * VEC;
-    const int c = static_cast<int>((i0 / a.hw) % a.channels);
-    const int kind = a.kind[c];
-    const float lo = a.lo[c], hi = a.hi[c], scale = a.scale[c], offset = a.offset[c], gain = a.gain[c];
-    const Vec<In, VEC> x = *reinterpret_cast<const Vec<In, VEC>*>(in + i0);
-    Vec<Out, VEC> y;
-    Vec<uint8_t, VEC> m;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      bool valid;
-      float db = db_of(x.v[k], kind, gain, a, valid);
-      float r = (fminf(fmaxf(db, lo), hi) - offset) * scale;
-      store(&y.v[k], valid ? r : a.fill);
-      m.v[k] = valid ? 1 : 0;
-    }
-    *reinterpret_cast<Vec<Out, VEC>*>(out + i0) = y;
-    *reinterpret_cast<Vec<uint8_t, VEC>*>(mask + i0) = m;
+    normalise_vector<In, Out, VEC>(in, out, mask, a, v);
   }
+}
+
+// Whether the vector path may run: whole vectors inside one channel plane, every pointer aligned for its width.
+template <typename Out, int VEC>
+KNOWLIP_HD bool vector_path_ok(const void* in, const void* out, const void* mask, const SarNormArgs& a) {
+  return (a.hw % VEC == 0) && (reinterpret_cast<uintptr_t>(in) % 16 == 0) &&
+         (reinterpret_cast<uintptr_t>(out) % (sizeof(Out) * VEC) == 0) &&
+         (reinterpret_cast<uintptr_t>(mask) % VEC == 0);
 }
 
 namespace {
@@ -104,14 +122,10 @@ cudaError_t launch(const void* in, void* out, uint8_t* mask, const SarNormArgs& 
   return cudaGetLastError();
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 template <typename In, typename Out, int VEC>
 cudaError_t dispatch_vec(const void* in, void* out, uint8_t* mask, const SarNormArgs& a, cudaStream_t s) {
-  // Vector path: whole vectors inside one channel plane, and every pointer aligned for its vector width.
-  bool ok = (a.hw % VEC == 0) && aligned16(in) && (reinterpret_cast<uintptr_t>(out) % (sizeof(Out) * VEC) == 0) &&
-            (reinterpret_cast<uintptr_t>(mask) % VEC == 0);
-  return ok ? launch<In, Out, VEC>(in, out, mask, a, s) : launch<In, Out, 1>(in, out, mask, a, s);
+  return vector_path_ok<Out, VEC>(in, out, mask, a) ? launch<In, Out, VEC>(in, out, mask, a, s)
+                                                    : launch<In, Out, 1>(in, out, mask, a, s);
 }
 
 template <typename Out>

@@ -219,9 +219,15 @@ def sar_normalize(x: torch.Tensor, p: NormParams, use_kernel: bool = True, out: 
     if out.shape != shape or out.dtype != p.out_dtype or mask.shape != shape or mask.dtype != torch.bool:
         raise ValueError(f"out/mask must be {shape} {p.out_dtype}/bool")
     raw = torch.view_as_real(x) if x.is_complex() else x
-    offset, scale = p.affine()
-    ext.sar_norm(raw, kind, out, mask, p.channels, shape[2] * shape[3],
-                 [PRODUCT_CODES[prod] for prod in p.products], [c[0] for c in p.clip_db],
-                 [c[1] for c in p.clip_db], scale, offset, p.gains(), 0 if p.mode == "scale" else 1, p.fill,
-                 p.nodata)
+    f = kernel_fields(p)
+    ext.sar_norm(raw, kind, out, mask, p.channels, shape[2] * shape[3], f["kind"], f["lo"], f["hi"], f["scale"],
+                 f["offset"], f["gain"], f["mode"], p.fill, p.nodata)
     return out, mask
+
+
+def kernel_fields(p: NormParams) -> dict:
+    """The per-channel launch arguments of the kernel (SarNormArgs in kernels/sar_norm.cuh)."""
+    offset, scale = p.affine()
+    return {"kind": [PRODUCT_CODES[prod] for prod in p.products], "lo": [c[0] for c in p.clip_db],
+            "hi": [c[1] for c in p.clip_db], "scale": scale, "offset": offset, "gain": p.gains(),
+            "mode": 0 if p.mode == "scale" else 1}
