@@ -410,3 +410,40 @@ def test_itm_negatives_come_from_one_sampling_call_per_step(monkeypatch):
     m = tiny()
     m(*batch(b=5))
     assert calls == [torch.Size([10, 5])]  # 5 image rows + 5 text rows against the global batch of 5
+
+
+def _full_step_rank(rank, world, init_file, result_queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(rank)  # different masking and negatives per rank, as in a real job
+    m = tiny(queue=16)  # tiny() seeds 0 before building: identical weights on both ranks
+    images, ids, att, kw = batch(b=3, seed=10 + rank)
+    out = m(images, ids, att, kw)
+    out["loss"].backward()
+    grads_finite = all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    result_queue.put((rank, float(out["loss"]), grads_finite, int(m.queue_ptr), m.image_queue[:6].numpy().copy(),
+                      m.momentum_features(images, ids, att)[0].numpy().copy()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_full_model_step_over_two_gloo_ranks(tmp_path):
+    """ITM gathers (negatives from the other rank) and the shared queue work across processes."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_full_step_rank, args=(r, 2, str(tmp_path / "init"), results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = {r[0]: r[1:] for r in (results.get(timeout=180) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank in (0, 1):
+        loss, finite, ptr, _, _ = got[rank]
+        assert math.isfinite(loss) and finite and ptr == 6  # 2 ranks x 3 enqueued
+    np.testing.assert_array_equal(got[0][3], got[1][3])  # every rank holds the same queue
+    np.testing.assert_allclose(got[0][3][:3], got[0][4], atol=1e-6)  # rank 0's features first
+    np.testing.assert_allclose(got[0][3][3:6], got[1][4], atol=1e-6)  # then rank 1's
