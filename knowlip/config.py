@@ -148,6 +148,7 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.05
     warmup_steps: int = 5
+    grad_clip: float = 0.0  # max global grad norm; 0 = off (set explicitly: DeepSpeed silently defaults to 1.0)
     alpha_ramp_steps: int = 20  # distillation weight ramps from 0 to model.losses.alpha (paper: first epoch)
     log_every: int = 5
     device: str = "auto"  # auto | cpu | cuda
@@ -284,6 +285,7 @@ RANGES: dict[str, tuple] = {
     "train.lr": (lambda v: v > 0, "positive"),
     "train.warmup_steps": (lambda v: v >= 0, "0 or more"),
     "train.log_every": (lambda v: v >= 1, "at least 1"),
+    "train.grad_clip": (lambda v: v >= 0, "0 (off) or positive"),
 }
 
 

@@ -25,7 +25,7 @@ def test_tiny_model_loss_falls_over_a_few_dozen_cpu_steps(synth_shards, tmp_path
     assert recon[-6:].mean() < recon[:6].mean() - 0.5
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [6, 12, 18, 24, 30, 36]
-    assert all(r["samples_per_s"] > 0 and r["tflops_per_s"] > 0 for r in rows)
+    assert all(r["samples_per_s"] > 0 and r["tflops_per_s"] > 0 and r["grad_norm"] > 0 for r in rows)
     for name in ("model.safetensors", "tokenizer/tokenizer.json", "config.yaml"):
         assert (tmp_path / name).is_file(), name
 

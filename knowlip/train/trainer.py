@@ -153,9 +153,12 @@ class Trainer:
             out = self.model(images, ids, att, kw, alpha=self.alpha_at(self.step))
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.train.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
         self.step += 1
-        return {k: float(v.detach()) for k, v in out.items()}
+        return {**{k: float(v.detach()) for k, v in out.items()}, "grad_norm": float(grad_norm)}
 
     def train(self, until: int | None = None) -> dict:
         """Train to `until` steps (default train.steps; an earlier stop is what a preemption looks like)."""
@@ -184,7 +187,9 @@ class Trainer:
                                "tflops_per_s": round(flops * window_samples / elapsed / 1e12, 4),
                                "mfu": round(flops * window_samples / elapsed / peak, 4) if peak else None,
                                "data_time_share": round(data_time / elapsed, 3),
-                               "skipped_samples": self.loader.stats.skipped}
+                               "skipped_samples": self.loader.stats.skipped,
+                               "max_mem_gib": (round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+                                               if self.device.type == "cuda" else None)}
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()
                         log.info("step %d loss %.4f (itc %.3f itm %.3f recon %.3f) %.1f samples/s", self.step,
