@@ -152,6 +152,7 @@ class TrainConfig:
     alpha_ramp_steps: int = 20  # distillation weight ramps from 0 to model.losses.alpha (paper: first epoch)
     log_every: int = 5
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     tokenizer_vocab: int = 2048  # WordPiece vocabulary trained on the captions when model.tokenizer is unset
 
 
@@ -179,6 +180,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "norm.out_dtype": ("float32", "bfloat16"),
     "model.size": ("tiny", "base", "large"),
     "model.attention": ("auto", "flash_attn", "sdpa", "reference"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "bf16", "fp32"),
 }
 
 

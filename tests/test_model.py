@@ -447,3 +447,14 @@ def test_full_model_step_over_two_gloo_ranks(tmp_path):
     np.testing.assert_array_equal(got[0][3], got[1][3])  # every rank holds the same queue
     np.testing.assert_allclose(got[0][3][:3], got[0][4], atol=1e-6)  # rank 0's features first
     np.testing.assert_allclose(got[0][3][3:6], got[1][4], atol=1e-6)  # then rank 1's
+
+
+def test_forward_and_backward_under_bf16_autocast():
+    """bf16 is the GPU training dtype; CPU autocast runs the same dtype paths (queue writes, gathers, losses)."""
+    m = tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(*batch())
+    out["loss"].backward()
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    assert m.image_queue.dtype == torch.float32 and m.queue_ptr.item() == 4
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)

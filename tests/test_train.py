@@ -74,3 +74,14 @@ def test_resume_mid_epoch_is_bit_exact(synth_shards, tmp_path):
 def test_data_that_cannot_feed_the_model_fails_at_start(synth_shards, tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
         Trainer(make_config(tmp_path, f"data.shards={synth_shards}", override))
+
+
+def test_bf16_autocast_step_runs_on_cpu(synth_shards, tmp_path):
+    """The GPU's precision path (bf16 autocast, bf16 normalised images), exercised on the CPU."""
+    cfg = make_config(tmp_path, f"data.shards={synth_shards}", "data.batch_size=8", "data.max_text_len=64",
+                      "model.image_size=32", "model.queue_size=16", "train.steps=4", "train.precision=bf16",
+                      "norm.out_dtype=bfloat16", "train.tokenizer_vocab=300")
+    trainer = Trainer(cfg)
+    history = trainer.train()["history"]
+    assert len(history) == 4 and all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in history)
+    assert trainer.model.image_queue.dtype.is_floating_point and trainer.model.queue_ptr.item() == (4 * 8) % 16

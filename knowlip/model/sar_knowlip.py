@@ -99,8 +99,8 @@ class SarKnowLIP(nn.Module):
             images, texts, n = images[-q:], texts[-q:], q
         ptr = int(self.queue_ptr)
         idx = (torch.arange(n, device=images.device) + ptr) % q
-        self.image_queue[idx] = images
-        self.text_queue[idx] = texts
+        self.image_queue[idx] = images.to(self.image_queue.dtype)  # features may be bf16 under autocast
+        self.text_queue[idx] = texts.to(self.text_queue.dtype)
         self.queue_ptr[0] = (ptr + n) % q
 
     # -- encoders ------------------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.train.lr, betas=(0.9, 0.98))
         self.step = 0
         self.norm_params = None
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None
 
     # -- building blocks -------------------------------------------------------------------------------------
 
@@ -139,7 +140,7 @@ class Trainer:
             self.norm_params = params_from_config(self.cfg.norm, meta["polarisations"], meta["product"],
                                                   meta.get("calibration_gain"))
         images, _ = sar_normalize(chips, self.norm_params)
-        return images.float() if self.device.type == "cpu" else images
+        return images if self.autocast is not None else images.float()
 
     # -- the step --------------------------------------------------------------------------------------------
 
@@ -149,7 +150,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.model.momentum_update()
-        with self.autocast or contextlib.nullcontext():
+        with self.autocast if self.autocast is not None else contextlib.nullcontext():
             out = self.model(images, ids, att, kw, alpha=self.alpha_at(self.step))
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
