@@ -222,7 +222,8 @@ class StreamingLoader:
 
     def __init__(self, shards: str | Path | ShardIndex, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, shuffle_block: int = 8192, drop_last: bool = True,
-                 tokenizer: Callable | None = None, decode_chip: bool = True, prefetch_factor: int = 4):
+                 tokenizer: Callable | None = None, decode_chip: bool = True, prefetch_factor: int = 4,
+                 pin_memory: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         if batch_size < 1 or shuffle_block < 1:
@@ -233,7 +234,7 @@ class StreamingLoader:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.seed, self.shuffle_block, self.drop_last = seed, shuffle_block, drop_last
-        self.tokenizer, self.decode_chip = tokenizer, decode_chip
+        self.tokenizer, self.decode_chip, self.pin_memory = tokenizer, decode_chip, pin_memory
         self.epoch, self.cursor, self.step_in_epoch = 0, 0, 0
         self.stats = LoaderStats()
         self._order_cache: tuple[int, np.ndarray] | None = None
@@ -259,7 +260,7 @@ class StreamingLoader:
         steps = self.remaining_steps()
         dataset = _RankSteps(self.index, self.order(self.epoch), [s[self.rank] for s in steps], self.step_in_epoch,
                              self.tokenizer, self.decode_chip)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             persistent_workers=False, multiprocessing_context="fork" if self.num_workers else None,
                             # its own generator: creating the iterator must not draw from torch's global RNG,
@@ -331,8 +332,9 @@ def _check_readable(index: ShardIndex) -> None:
             raise ShardError(f"{path}: shard is not readable ({exc})") from exc
 
 
-def build_loader(data_cfg, rank: int = 0, world_size: int = 1, tokenizer: Callable | None = None) -> StreamingLoader:
-    """The loader described by a `data` config section."""
+def build_loader(data_cfg, rank: int = 0, world_size: int = 1, tokenizer: Callable | None = None,
+                 pin_memory: bool = False) -> StreamingLoader:
+    """The loader described by a `data` config section (pin_memory when batches go to a GPU)."""
     return StreamingLoader(data_cfg.shards, data_cfg.batch_size, rank, world_size, data_cfg.num_workers,
                            data_cfg.seed, data_cfg.shuffle_block, data_cfg.drop_last, tokenizer,
-                           prefetch_factor=data_cfg.prefetch_factor)
+                           prefetch_factor=data_cfg.prefetch_factor, pin_memory=pin_memory)

@@ -92,7 +92,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.tokenizer = self._tokenizer()
         self.text = CaptionTokenizer(self.tokenizer, cfg.data.max_text_len)
-        self.loader = build_loader(cfg.data, tokenizer=self.text)
+        self.loader = build_loader(cfg.data, tokenizer=self.text, pin_memory=self.device.type == "cuda")
         self.model = build_model(cfg.model, self.tokenizer).to(self.device)
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.train.lr, betas=(0.9, 0.98))
         self.step = 0
