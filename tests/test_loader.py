@@ -201,3 +201,23 @@ def test_replay_cli_save_and_resume_at_another_world_size(synth_shards, tmp_path
     assert len(keys) == len(set(keys)) == load_index(synth_shards).total_samples
     records, _ = replay(str(synth_shards), 2, 0, 3, shuffle_block=16, drop_last=False, stop_after_steps=4)
     assert [r["ranks"] for r in records] == [l["ranks"] for l in lines[:4]]
+
+
+def test_a_chip_of_another_shape_is_skipped_even_when_it_comes_first():
+    from knowlip.data.loader import _RankSteps
+    from knowlip.data.shards import encode_sample
+
+    good = lambda i: dict(encode_sample(np.zeros((1, 4, 4), np.float32), "c", {}), __key__=f"k{i}".encode())
+    odd = dict(encode_sample(np.zeros((1, 5, 5), np.float32), "c", {}), __key__=b"odd")
+    members = [odd, good(1), good(2)]
+
+    class FakeReader:
+        def read(self, gid):
+            return members[gid]
+
+        def key_of(self, gid):
+            return "shard", gid
+
+    batch = _RankSteps(None, np.arange(3), [], 0, None, True)._build(FakeReader(), np.arange(3))
+    assert batch["chips"].shape == (3, 1, 4, 4)
+    assert batch["is_duplicate"].tolist() == [True, False, False] and "odd" in batch["skipped"][0]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections import Counter
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,12 +193,12 @@ class _RankSteps(IterableDataset):
                 errors.append(f"{shard}#{i}: {type(exc).__name__}: {exc}")
                 samples.append(None)
         good = [s for s in samples if s is not None]
-        if good and self.decode_chip:
-            first = good[0].chip
+        if good and self.decode_chip:  # the batch's layout is its most common one; odd chips are damaged
+            layout = Counter((s.chip.dtype.str, s.chip.shape) for s in good).most_common(1)[0][0]
             for j, s in enumerate(samples):
-                if s is not None and (s.chip.shape != first.shape or s.chip.dtype != first.dtype):
+                if s is not None and (s.chip.dtype.str, s.chip.shape) != layout:
                     errors.append(f"{s.key}: chip {s.chip.dtype}{s.chip.shape} differs from the batch's "
-                                  f"{first.dtype}{first.shape}")
+                                  f"{np.dtype(layout[0])}{layout[1]}")
                     samples[j] = None
             good = [s for s in samples if s is not None]
         if not good:
