@@ -4,6 +4,7 @@ gets at each global step, so a user can audit the order and check that a resumed
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Iterator, TextIO
 
@@ -15,6 +16,15 @@ def replay(shards: str, world_size: int, workers: int, batch_size: int, epochs: 
            shuffle_block: int = 8192, drop_last: bool = True, stop_after_steps: int | None = None,
            resume_state: str | None = None) -> tuple[list[dict], dict]:
     """Returns (one record per global step, the loader state after the last step)."""
+    with warnings.catch_warnings():
+        # simulating W ranks x K workers on one machine is the point: torch's "too many workers" note is noise
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        return _replay(shards, world_size, workers, batch_size, epochs, seed, shuffle_block, drop_last,
+                       stop_after_steps, resume_state)
+
+
+def _replay(shards, world_size, workers, batch_size, epochs, seed, shuffle_block, drop_last, stop_after_steps,
+            resume_state) -> tuple[list[dict], dict]:
     index = load_index(shards)
     loaders = [StreamingLoader(index, batch_size, rank, world_size, workers, seed, shuffle_block, drop_last,
                                decode_chip=False) for rank in range(world_size)]
