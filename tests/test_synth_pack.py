@@ -14,10 +14,6 @@ from knowlip.sar.synth import synthesise_from_config
 from knowlip.text.caption import parse_caption
 
 
-def _synth(cfg):
-    return synthesise_from_config(cfg)
-
-
 def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("shard-*.tar"))}
 
@@ -25,7 +21,7 @@ def _digest(folder):
 def test_synth_is_deterministic_and_georeferenced(tmp_path):
     a = make_config(tmp_path / "a", "synth.num_scenes=3", "synth.size=64")
     b = make_config(tmp_path / "b", "synth.num_scenes=3", "synth.size=64")
-    pa, pb = _synth(a), _synth(b)
+    pa, pb = synthesise_from_config(a), synthesise_from_config(b)
     for x, y in zip(pa, pb):
         with rasterio.open(x) as sx, rasterio.open(y) as sy:
             np.testing.assert_array_equal(sx.read(), sy.read())
@@ -37,7 +33,7 @@ def test_round_trip_through_a_stock_webdataset_reader(tmp_path):
     cfg = make_config(tmp_path, "synth.num_scenes=4", "synth.size=96", "synth.products=[intensity,dn,complex,db]",
                       "synth.polarisations=[VV,VH]", "pack.chip.size=32", "pack.chip.stride=32",
                       "pack.shard_max_samples=10")
-    paths = _synth(cfg)
+    paths = synthesise_from_config(cfg)
     index_path, report = pack(cfg)
     index = load_index(tmp_path / "shards")
     assert report.samples == index.total_samples > 0 and len(index.shards) > 1
@@ -68,7 +64,7 @@ def test_round_trip_through_a_stock_webdataset_reader(tmp_path):
 def test_pack_output_is_deterministic_and_tar_lists_it(tmp_path):
     cfg = make_config(tmp_path, "synth.num_scenes=2", "synth.size=64", "pack.chip.size=32", "pack.chip.stride=32",
                       "pack.shard_max_samples=3")
-    _synth(cfg)
+    synthesise_from_config(cfg)
     pack(cfg)
     first = _digest(tmp_path / "shards")
     pack(cfg)
@@ -129,3 +125,15 @@ def test_inspect_reports_a_damaged_shard_instead_of_failing(synth_shards, tmp_pa
     report = inspect_shards(str(copy))
     assert len(report["damaged_shards"]) == 1 and shard.name in report["damaged_shards"][0]
     assert report["samples"] == index.total_samples - shard.samples + 3
+
+
+def test_repacking_into_fewer_shards_removes_the_stale_ones(tmp_path):
+    cfg = make_config(tmp_path, "synth.num_scenes=2", "synth.size=64", "pack.chip.size=32", "pack.chip.stride=32",
+                      "pack.shard_max_samples=3")
+    synthesise_from_config(cfg)
+    pack(cfg)
+    assert len(list((tmp_path / "shards").glob("shard-*.tar"))) == 3
+    pack(make_config(tmp_path, "synth.num_scenes=2", "synth.size=64", "pack.chip.size=32", "pack.chip.stride=32",
+                     "pack.shard_max_samples=100"))
+    assert [p.name for p in (tmp_path / "shards").glob("shard-*.tar")] == ["shard-000000.tar"]
+    assert load_index(tmp_path / "shards").total_samples == 8

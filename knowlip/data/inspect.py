@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections import Counter, defaultdict
 
 import numpy as np
 
-from knowlip.data.shards import CAPTION_EXT, CHIP_EXT, META_EXT, load_index
+from knowlip.data.shards import CAPTION_EXT, CHIP_EXT, META_EXT, load_index, npy_header
 from knowlip.text.caption import FIELDS, CaptionError, parse_caption
 
 
@@ -27,11 +26,11 @@ class _Stats:
 
     def add(self, sample: dict[str, bytes]) -> None:
         meta = json.loads(sample[META_EXT])
-        header = _npy_header(sample[CHIP_EXT])
+        shape, dtype, _ = npy_header(sample[CHIP_EXT])
         self.samples += 1
         self.bands["+".join(meta["polarisations"])] += 1
-        self.dtypes[header["descr"]] += 1
-        self.shapes["x".join(map(str, header["shape"]))] += 1
+        self.dtypes[str(dtype)] += 1
+        self.shapes["x".join(map(str, shape))] += 1
         self.products[meta["product"]] += 1
         self.crs[meta["crs"] if meta["crs"].startswith("EPSG") else "WKT"] += 1
         lon, lat = meta["center_lonlat"]
@@ -101,14 +100,6 @@ def _samples(tar: tarfile.TarFile):
         current[ext] = tar.extractfile(member).read()
     if current:
         yield current
-
-
-def _npy_header(raw: bytes) -> dict:
-    buf = io.BytesIO(raw)
-    version = np.lib.format.read_magic(buf)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read(buf)
-    return {"shape": list(shape), "descr": str(dtype)}
 
 
 def format_report(r: dict) -> str:

@@ -19,7 +19,6 @@ At the same world size and batch size the order after resume is identical to an 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections import Counter
@@ -32,7 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from knowlip.data.shards import CAPTION_EXT, CHIP_EXT, META_EXT, ShardError, ShardIndex, load_index, read_sample_bytes
+from knowlip.data.shards import (CAPTION_EXT, CHIP_EXT, META_EXT, ShardError, ShardIndex, load_index, npy_header,
+                                  read_sample_bytes)
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -97,14 +97,8 @@ def decode_sample(members: dict[str, bytes], decode_chip: bool = True) -> Sample
 
 def _load_npy(raw: bytes) -> np.ndarray:
     """np.load without copying the payload (the batch stack makes the one copy)."""
-    buf = io.BytesIO(raw)
-    version = np.lib.format.read_magic(buf)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(buf)
-    if fortran or dtype.hasobject:
-        raise ValueError("unsupported npy layout")
-    count = int(np.prod(shape))
-    return np.frombuffer(raw, dtype=dtype, count=count, offset=buf.tell()).reshape(shape)
+    shape, dtype, offset = npy_header(raw)
+    return np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
 
 
 class ShardReader:
@@ -115,16 +109,21 @@ class ShardReader:
         self.starts = np.concatenate([[0], np.cumsum([s.samples for s in index.shards])])
         self._files: dict[int, object] = {}
 
-    def read(self, global_id: int) -> dict[str, bytes]:
+    def _locate(self, global_id: int) -> tuple[int, int]:
+        """(shard number, sample number inside it)."""
         s = int(np.searchsorted(self.starts, global_id, side="right") - 1)
+        return s, int(global_id - self.starts[s])
+
+    def read(self, global_id: int) -> dict[str, bytes]:
+        s, i = self._locate(global_id)
         shard = self.index.shards[s]
         if s not in self._files:
             self._files[s] = open(self.index.path(shard), "rb")
-        return read_sample_bytes(self._files[s], shard, int(global_id - self.starts[s]))
+        return read_sample_bytes(self._files[s], shard, i)
 
     def key_of(self, global_id: int) -> tuple[str, int]:
-        s = int(np.searchsorted(self.starts, global_id, side="right") - 1)
-        return self.index.shards[s].name, int(global_id - self.starts[s])
+        s, i = self._locate(global_id)
+        return self.index.shards[s].name, i
 
     def close(self) -> None:
         for f in self._files.values():

@@ -65,7 +65,6 @@ def _caption_file(p) -> str | None:
 def _pack_scene(path: Path, p, captions: CaptionIndex, writer: ShardWriter, report: PackReport) -> None:
     chips = iter_chips(path, p.chip.size, p.chip.stride, p.chip.min_valid_fraction, p.read.product,
                        list(p.read.band_names))
-    packed = 0
     for chip in chips:
         caption = captions.lookup(chip.chip_id, chip.meta["scene_id"])
         text, spans = _caption_for(caption, chip.meta, p)
@@ -76,18 +75,16 @@ def _pack_scene(path: Path, p, captions: CaptionIndex, writer: ShardWriter, repo
         writer.write(chip.chip_id, encode_sample(chip.data, text, meta))
         report.bands["+".join(chip.meta["polarisations"])] += 1
         report.dtypes[str(chip.data.dtype)] += 1
-        packed += 1
-    report.samples += packed
+        report.samples += 1  # counted as written: a scene that fails later keeps its chips in the shards
     report.scenes_packed += 1
 
 
 def _caption_for(caption: Caption | None, meta: dict, p) -> tuple[str | None, list]:
     geo = geo_clause(meta) if p.geo_clause else None
     if caption is None:
-        if p.missing_caption == "geo_only" and geo:
-            text = f"Located at {geo}."
-            return text, [[GEO_FIELD, len("Located at "), len(text) - 1]]
-        return None, []
+        if p.missing_caption != "geo_only" or not geo:
+            return None, []
+        caption = Caption({})
     if geo:
         caption = Caption({**caption.without(GEO_FIELD).clauses, GEO_FIELD: geo})
     return caption.text(), [list(s) for s in caption.keyword_spans()]

@@ -112,13 +112,10 @@ class ShardWriter:
     def __init__(self, out_dir: str | Path, max_samples: int, max_bytes: int):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for old in self.out_dir.glob("shard-*.tar"):
-            old.unlink()
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.shards: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
         self._offsets: list[int] = []
-        self._hash = None
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         if "." in key:
@@ -133,8 +130,14 @@ class ShardWriter:
             self._close()
 
     def finish(self) -> list[ShardInfo]:
+        """Close the last shard and remove shards of an earlier packing that this one did not replace
+        (only now, so that a packing that fails part-way leaves the earlier shards it did not reach)."""
         if self._tar is not None:
             self._close()
+        kept = {s.name for s in self.shards}
+        for old in self.out_dir.glob("shard-*.tar"):
+            if old.name not in kept:
+                old.unlink()
         return self.shards
 
     def _open(self) -> None:
@@ -186,6 +189,17 @@ def write_index(out_dir: str | Path, shards: list[ShardInfo], info: dict) -> Pat
     tmp.write_text(json.dumps(body, indent=1))
     os.replace(tmp, out_dir / INDEX_NAME)
     return out_dir / INDEX_NAME
+
+
+def npy_header(raw: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, payload offset) of .npy bytes, without touching the payload."""
+    buf = io.BytesIO(raw)
+    version = np.lib.format.read_magic(buf)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(buf)
+    if fortran or dtype.hasobject:
+        raise ValueError("unsupported npy layout (Fortran order or Python objects)")
+    return shape, dtype, buf.tell()
 
 
 def read_sample_bytes(f, shard: ShardInfo, i: int) -> dict[str, bytes]:

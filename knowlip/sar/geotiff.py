@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from affine import Affine
 import rasterio
-import rasterio.crs
 import rasterio.warp
 import rasterio.windows
+from affine import Affine
 from rasterio.errors import RasterioIOError
 
 PRODUCTS = ("intensity", "amplitude", "db", "complex", "dn")
@@ -73,10 +73,16 @@ class Chip:
 
 def open_scene(path: str | Path, product: str = "auto", band_names: Sequence[str] = ()) -> SceneInfo:
     """Read a raster's header and georeference; raises SarReadError naming the file when it is unusable."""
-    path = Path(path)
+    with _open_raster(path) as src:
+        return _scene_info(src, Path(path), product, band_names)
+
+
+@contextmanager
+def _open_raster(path: str | Path):
+    """rasterio.open whose I/O errors (at open or while reading) become SarReadError naming the file."""
     try:
         with rasterio.open(path) as src:
-            return _scene_info(src, path, product, band_names)
+            yield src
     except RasterioIOError as exc:
         raise SarReadError(f"{path}: not a readable raster ({_short(exc)})") from exc
 
@@ -209,11 +215,16 @@ def invalid_fill(dtype: np.dtype) -> float | complex:
     return np.nan if np.issubdtype(dtype, np.floating) else 0
 
 
+def chip_starts(length: int, size: int, stride: int) -> range:
+    """Offsets of every full chip along one axis."""
+    return range(0, length - size + 1, stride)
+
+
 def chip_grid(height: int, width: int, size: int, stride: int) -> list[tuple[int, int]]:
     """Top-left (row, col) of every full chip, row-major. size 0 means no grid."""
     if size <= 0:
         return []
-    return [(r, c) for r in range(0, height - size + 1, stride) for c in range(0, width - size + 1, stride)]
+    return [(r, c) for r in chip_starts(height, size, stride) for c in chip_starts(width, size, stride)]
 
 
 def chip_id(scene_id: str, row: int, col: int) -> str:
@@ -230,35 +241,26 @@ def iter_chips(
 ) -> Iterator[Chip]:
     """Tile one scene into chips, reading one strip of chip rows at a time: memory is bounded by
     size x scene width, and GDAL's per-read overhead is paid once per strip rather than once per chip."""
-    path = Path(path)
-    info = open_scene(path, product, band_names)
-    grid = chip_grid(info.height, info.width, size, stride)
-    try:
-        with rasterio.open(path) as src:
-            for row in sorted({r for r, _ in grid}):
-                strip, strip_valid = _read_window(src, rasterio.windows.Window(0, row, info.width, size), info)
-                cols = [c for r, c in grid if r == row]
-                centres = _chip_centres_lonlat(info, row, cols, size)
-                for col, centre in zip(cols, centres):
-                    valid = strip_valid[:, col : col + size]
-                    fraction = float(valid.mean())
-                    if fraction < min_valid_fraction:
-                        continue
-                    window = rasterio.windows.Window(col, row, size, size)
-                    data = np.ascontiguousarray(strip[:, :, col : col + size])
-                    meta = chip_meta(info, src.window_transform(window), window, fraction, centre)
-                    yield Chip(chip_id(info.scene_id, row, col), data, fraction, meta)
-    except RasterioIOError as exc:
-        raise SarReadError(f"{path}: read failed ({_short(exc)})") from exc
+    with _open_raster(path) as src:
+        info = _scene_info(src, Path(path), product, band_names)
+        cols = list(chip_starts(info.width, size, stride))
+        for row in chip_starts(info.height, size, stride):
+            strip, strip_valid = _read_window(src, rasterio.windows.Window(0, row, info.width, size), info)
+            for col, centre in zip(cols, _chip_centres_lonlat(info, row, cols, size)):
+                fraction = float(strip_valid[:, col : col + size].mean())
+                if fraction < min_valid_fraction:
+                    continue
+                window = rasterio.windows.Window(col, row, size, size)
+                data = np.ascontiguousarray(strip[:, :, col : col + size])
+                meta = chip_meta(info, src.window_transform(window), window, fraction, centre)
+                yield Chip(chip_id(info.scene_id, row, col), data, fraction, meta)
 
 
 def _read_window(src, window, info: SceneInfo) -> tuple[np.ndarray, np.ndarray]:
     data = src.read(window=window)
     masks = src.read_masks(window=window)  # GDAL masks already honour nodata
     valid = np.all(masks > 0, axis=0)
-    if np.iscomplexobj(data):
-        valid &= np.all(np.isfinite(data), axis=0)
-    elif np.issubdtype(data.dtype, np.floating):
+    if np.issubdtype(data.dtype, np.inexact):  # float or complex
         valid &= np.all(np.isfinite(data), axis=0)
     if info.nodata is not None and not (isinstance(info.nodata, float) and math.isnan(info.nodata)):
         valid &= np.all(data != info.nodata, axis=0)
