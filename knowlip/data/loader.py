@@ -333,8 +333,9 @@ def _check_readable(index: ShardIndex) -> None:
 
 
 def build_loader(data_cfg, rank: int = 0, world_size: int = 1, tokenizer: Callable | None = None,
-                 pin_memory: bool = False) -> StreamingLoader:
-    """The loader described by a `data` config section (pin_memory when batches go to a GPU)."""
-    return StreamingLoader(data_cfg.shards, data_cfg.batch_size, rank, world_size, data_cfg.num_workers,
+                 pin_memory: bool = False, index: ShardIndex | None = None) -> StreamingLoader:
+    """The loader described by a `data` config section (pin_memory when batches go to a GPU; `index` when the
+    caller has already loaded data_cfg.shards)."""
+    return StreamingLoader(index or data_cfg.shards, data_cfg.batch_size, rank, world_size, data_cfg.num_workers,
                            data_cfg.seed, data_cfg.shuffle_block, data_cfg.drop_last, tokenizer,
                            prefetch_factor=data_cfg.prefetch_factor, pin_memory=pin_memory)

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from knowlip.data.loader import StreamingLoader, build_loader
-from knowlip.data.shards import load_index
+from knowlip.data.shards import ShardIndex, load_index
 from knowlip.model.build import build_model
 from knowlip.model.flops import training_flops_per_sample
 from knowlip.ops.sar_norm import params_from_config, sar_normalize
@@ -48,9 +48,9 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def shard_captions(shards: str) -> list[str]:
+def shard_captions(index: ShardIndex) -> list[str]:
     """Every caption of a shard folder (one pass, chips not decoded), for training a tokenizer."""
-    loader = StreamingLoader(shards, batch_size=256, drop_last=False, decode_chip=False)
+    loader = StreamingLoader(index, batch_size=256, drop_last=False, decode_chip=False)
     return [c for batch in loader for c in batch["captions"]]
 
 
@@ -70,9 +70,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_data_fits(cfg) -> None:
+def check_data_fits(cfg, index: ShardIndex) -> None:
     """Fail before building anything when the shards cannot feed this model and batch."""
-    index = load_index(cfg.data.shards)
     channels = {len(b.split("+")) for b in index.info.get("report", {}).get("bands", {})}
     if channels and channels != {cfg.model.in_channels}:
         raise ValueError(f"{index.root}: chips have {sorted(channels)} channel(s) but model.in_channels="
@@ -82,17 +81,46 @@ def check_data_fits(cfg) -> None:
                          f"(data.batch_size={cfg.data.batch_size})")
 
 
+class _Meter:
+    """Throughput over the window since the last log line: samples/s, TFLOP/s, MFU, data-wait share."""
+
+    def __init__(self, flops_per_sample: int, peak: float | None):
+        self.flops_per_sample, self.peak = flops_per_sample, peak
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start, self.samples, self.data_time, self._fetch = time.perf_counter(), 0, 0.0, time.perf_counter()
+
+    def fetch_started(self) -> None:
+        self._fetch = time.perf_counter()
+
+    def fetched(self, samples: int) -> None:
+        self.data_time += time.perf_counter() - self._fetch
+        self.samples += samples
+
+    def window(self) -> dict:
+        elapsed = time.perf_counter() - self.start
+        flops = self.flops_per_sample * self.samples / elapsed
+        out = {"samples_per_s": round(self.samples / elapsed, 2), "tflops_per_s": round(flops / 1e12, 4),
+               "mfu": round(flops / self.peak, 4) if self.peak else None,
+               "data_time_share": round(self.data_time / elapsed, 3)}
+        self._reset()
+        return out
+
+
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.train.device)
-        check_data_fits(cfg)
+        self.index = load_index(cfg.data.shards)  # read once: index.json holds every sample's offset
+        check_data_fits(cfg, self.index)
         torch.manual_seed(cfg.seed)
         self.tokenizer = self._tokenizer()
         self.text = CaptionTokenizer(self.tokenizer, cfg.data.max_text_len)
-        self.loader = build_loader(cfg.data, tokenizer=self.text, pin_memory=self.device.type == "cuda")
+        self.loader = build_loader(cfg.data, tokenizer=self.text, pin_memory=self.device.type == "cuda",
+                                   index=self.index)
         self.model = build_model(cfg.model, self.tokenizer).to(self.device)
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.train.lr, betas=(0.9, 0.98))
         self.step = 0
@@ -107,7 +135,7 @@ class Trainer:
             return load_tokenizer(self.cfg.model.tokenizer)
         out = self.run_dir / "tokenizer"
         if not (out / "tokenizer.json").is_file():
-            train_wordpiece(shard_captions(self.cfg.data.shards), out, self.cfg.train.tokenizer_vocab)
+            train_wordpiece(shard_captions(self.index), out, self.cfg.train.tokenizer_vocab)
         return load_tokenizer(out)
 
     def _param_groups(self) -> list[dict]:
@@ -165,44 +193,38 @@ class Trainer:
         """Train to `until` steps (default train.steps; an earlier stop is what a preemption looks like)."""
         cfg = self.cfg
         last = cfg.train.steps if until is None else min(until, cfg.train.steps)
-        flops = training_flops_per_sample(self.model.dims, len(self.tokenizer), cfg.model.image_size,
-                                          cfg.data.max_text_len, cfg.model.in_channels, cfg.data.batch_size,
-                                          self.model.dims.queue_size)
-        peak = peak_flops(self.device)
+        meter = _Meter(training_flops_per_sample(self.model.dims, len(self.tokenizer), cfg.model.image_size,
+                                                 cfg.data.max_text_len, cfg.model.in_channels, cfg.data.batch_size,
+                                                 self.model.dims.queue_size), peak_flops(self.device))
         metrics_path = self.run_dir / "metrics.jsonl"
         history: list[dict] = []
-        window_start, window_samples, data_time = time.perf_counter(), 0, 0.0
         with metrics_path.open("a") as metrics:
             while self.step < last:
-                fetch = time.perf_counter()
+                meter.fetch_started()
                 for batch in self.loader:
-                    data_time += time.perf_counter() - fetch
+                    meter.fetched(batch["chips"].shape[0])
                     values = self.train_step(batch)
-                    window_samples += batch["chips"].shape[0]
                     history.append(values)
                     if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                        elapsed = time.perf_counter() - window_start
-                        row = {"step": self.step, "epoch": self.loader.epoch, "lr": self.lr_at(self.step - 1),
-                               **{k: round(v, 5) for k, v in values.items()},
-                               "samples_per_s": round(window_samples / elapsed, 2),
-                               "tflops_per_s": round(flops * window_samples / elapsed / 1e12, 4),
-                               "mfu": round(flops * window_samples / elapsed / peak, 4) if peak else None,
-                               "data_time_share": round(data_time / elapsed, 3),
-                               "skipped_samples": self.loader.stats.skipped,
-                               "max_mem_gib": (round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
-                                               if self.device.type == "cuda" else None)}
-                        metrics.write(json.dumps(row) + "\n")
-                        metrics.flush()
-                        log.info("step %d loss %.4f (itc %.3f itm %.3f recon %.3f) %.1f samples/s", self.step,
-                                 values["loss"], values["loss_itc"], values["loss_itm"], values["loss_recon"],
-                                 row["samples_per_s"])
-                        window_start, window_samples, data_time = time.perf_counter(), 0, 0.0
+                        self._log(metrics, values, meter.window())
                     if self.step >= last:
                         break
-                    fetch = time.perf_counter()
+                    meter.fetch_started()
         if self.step >= cfg.train.steps:
             self.save_final()
-        return {"steps": self.step, "history": history, "flops_per_sample": flops, "metrics": str(metrics_path)}
+        return {"steps": self.step, "history": history, "flops_per_sample": meter.flops_per_sample,
+                "metrics": str(metrics_path)}
+
+    def _log(self, metrics, values: dict[str, float], throughput: dict) -> None:
+        row = {"step": self.step, "epoch": self.loader.epoch, "lr": self.lr_at(self.step - 1),
+               **{k: round(v, 5) for k, v in values.items()}, **throughput,
+               "skipped_samples": self.loader.stats.skipped,
+               "max_mem_gib": (round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+                               if self.device.type == "cuda" else None)}
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        log.info("step %d loss %.4f (itc %.3f itm %.3f recon %.3f) %.1f samples/s", self.step, values["loss"],
+                 values["loss_itc"], values["loss_itm"], values["loss_recon"], row["samples_per_s"])
 
     # -- resumable state (the checkpoint layer collects this) ----------------------------------------------
 
