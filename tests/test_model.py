@@ -66,8 +66,9 @@ def test_position_embeddings_interpolate_for_other_image_sizes():
     m = tiny()
     embeds, _ = m.encode_image(torch.rand(2, 1, 128, 128))  # built for 64 px: 8x8 grid -> 16x16
     assert embeds.shape == (2, 1 + 256, 64)
-    vit_b = preset("base", image_size=224)
-    assert (512 // vit_b.vision.patch) ** 2 + 1 == 1025
+    vit_b_pos = torch.randn(1, 1 + 14 * 14, 8)  # ViT-B/16 built for 224 px, fed 512 px tiles
+    at_512 = interpolate_pos_embed(vit_b_pos, 512 // preset("base").vision.patch)
+    assert at_512.shape == (1, 1025, 8) and torch.equal(at_512[:, 0], vit_b_pos[:, 0])
 
 
 # -- attention backends ----------------------------------------------------------------------------------------
