@@ -86,17 +86,90 @@ def cmd_data_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_command(args: argparse.Namespace) -> list[str]:
+    """The command every local rank runs: this same `knowlip train` with the same arguments."""
+    return [sys.executable, "-m", "knowlip.cli", "train"] + (["-c", args.config] if args.config else []) + \
+        list(args.overrides)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    """One entry point: a rank of a torchrun/Slurm job, or the launcher of `dist.nproc_per_node` local ranks."""
     import logging
 
-    from knowlip.train.trainer import Trainer
+    from knowlip.config import accumulation_steps
+    from knowlip.launch.local import local_rank_count, rank_env, spawn_local_ranks
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = _config(args)
-    result = Trainer(cfg).train()
-    first, last = result["history"][0]["loss"], result["history"][-1]["loss"]
-    print(f"trained {result['steps']} steps: loss {first:.4f} -> {last:.4f}; metrics in {result['metrics']}, "
-          f"weights and tokenizer in {cfg.run_dir}")
+    cfg = _config(args)  # a bad config fails here, before any process or process group
+    renv = rank_env()
+    if renv is None and cfg.train.engine == "deepspeed":
+        nproc = local_rank_count(cfg.dist.nproc_per_node)
+        accumulation_steps(cfg, nproc)
+        if nproc > 1:
+            return spawn_local_ranks(nproc, _train_command(args))
+    level = logging.INFO if renv is None or renv.rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return _train_rank(cfg, renv)
+
+
+def _train_rank(cfg, renv) -> int:
+    from knowlip.launch.signals import StopRequest
+    from knowlip.train.trainer import Trainer, TrainingStopped
+
+    stop = StopRequest().install()
+    trainer = Trainer(cfg, renv, stop)
+    if trainer.step >= cfg.train.steps:
+        if trainer.rank == 0:
+            print(f"the run in {cfg.run_dir} already finished: {trainer.step} of {cfg.train.steps} steps "
+                  f"(checkpoint {trainer.resumed_from}); nothing to train")
+        return 0
+    try:
+        result = trainer.train()
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    if trainer.rank != 0:
+        return 0
+    losses = [h["loss"] for h in result["history"]]
+    if result["stopped"]:
+        print(f"stopped at step {result['steps']} of {cfg.train.steps} ({result['stopped']}); checkpoint "
+              f"{result['checkpoint']}; run again to resume")
+    else:
+        print(f"trained {result['steps']} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in "
+              f"{result['metrics']}, weights and tokenizer in {cfg.run_dir}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from knowlip.train.export import export_checkpoint
+
+    path = export_checkpoint(args.source, args.out, args.dtype)
+    print(f"exported {path} ({args.dtype}), config.yaml and tokenizer/ to {args.out}")
+    return 0
+
+
+def cmd_ckpt_ls(args: argparse.Namespace) -> int:
+    import time
+
+    from knowlip.train.checkpoint import list_checkpoints
+
+    root = Path(args.run_dir)
+    infos = list_checkpoints(root / "checkpoints") or list_checkpoints(root)
+    if not infos:
+        print(f"no checkpoints in {root}")
+        return 1
+    print(f"{'checkpoint':<28} {'step':>8} {'saved':<19} {'ranks':>5} {'MiB':>9}  state")
+    for c in infos:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.time)) if c.time else "-"
+        state = "complete" if c.complete else "INCOMPLETE (never resumed)"
+        print(f"{c.path.name:<28} {c.step:>8} {when:<19} {c.world_size or '-':>5} {c.bytes / 2**20:>9.1f}  {state}")
+    return 0
+
+
+def cmd_ckpt_universal(args: argparse.Namespace) -> int:
+    from knowlip.train.checkpoint import convert_to_universal, resolve_checkpoint
+
+    out = convert_to_universal(resolve_checkpoint(args.checkpoint))
+    print(f"universal checkpoint in {out}")
     return 0
 
 
@@ -122,9 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_pack)
 
-    p = sub.add_parser("train", help="train the model on packed shards (plain PyTorch, one process)")
+    p = sub.add_parser("train", help="train on packed shards: DeepSpeed ZeRO-3 over local ranks, torchrun or Slurm")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="a checkpoint (or run folder) -> safetensors + config + tokenizer")
+    p.add_argument("source", help="a checkpoint folder, or a run folder (its newest complete checkpoint)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("ckpt", help="list and convert checkpoints")
+    ksub = p.add_subparsers(dest="ckpt_command", required=True)
+    ls = ksub.add_parser("ls", help="checkpoints of a run: step, time, size, completeness")
+    ls.add_argument("run_dir")
+    ls.set_defaults(func=cmd_ckpt_ls)
+    uni = ksub.add_parser("universal", help="convert to DeepSpeed's universal form (resume at any world size)")
+    uni.add_argument("checkpoint", help="a checkpoint folder or a run folder")
+    uni.set_defaults(func=cmd_ckpt_universal)
 
     p = sub.add_parser("data", help="inspect and audit shards and the loader")
     dsub = p.add_subparsers(dest="data_command", required=True)

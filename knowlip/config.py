@@ -8,6 +8,7 @@ a likely typo, the closest valid key; a value of the wrong type fails with its p
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -154,18 +155,51 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     tokenizer_vocab: int = 2048  # WordPiece vocabulary trained on the captions when model.tokenizer is unset
+    engine: str = "deepspeed"  # deepspeed (ZeRO-3, any number of ranks) | plain (torch AdamW, one process)
+    # Samples per optimiser step over all ranks; None = data.batch_size x world size (no accumulation).
+    # Must be a multiple of data.batch_size x world size: the quotient is the gradient-accumulation count.
+    global_batch_size: Optional[int] = None
+    # Stop after this step with a checkpoint and exit 0, as a preemption would (the schedule follows `steps`).
+    stop_at: Optional[int] = None
+    activation_checkpointing: bool = False  # recompute ViT blocks and text layers in backward
+    compile: bool = False  # torch.compile each transformer block
+    max_nonfinite_in_a_row: int = 5  # this many skipped non-finite steps in a row stop the run (with a checkpoint)
+    progress: bool = True  # a progress bar on rank 0 (stderr)
+
+
+@dataclass
+class DistConfig:
+    """Ranks on this node and how they talk."""
+
+    nproc_per_node: str = "auto"  # auto: one per visible GPU, 2 on a CPU-only machine; or a number
+    backend: str = "auto"  # auto: nccl on GPUs, gloo on CPU
+    timeout_s: int = 1800  # collective timeout
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded checkpoints under <run_dir>/checkpoints (or `dir`)."""
+
+    every: int = 0  # steps between checkpoints; 0 = only at the end, at train.stop_at and on a signal
+    keep: int = 3  # complete checkpoints kept (the newest)
+    dir: Optional[str] = None
 
 
 @dataclass
 class KnowlipConfig:
     run_dir: str = "runs/quickstart"
     seed: int = 0
+    resume: str = "auto"  # auto (newest complete checkpoint in the run), none, or a checkpoint folder
     synth: SynthConfig = field(default_factory=SynthConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     data: DataConfig = field(default_factory=DataConfig)
     norm: NormConfig = field(default_factory=NormConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Passed through to DeepSpeed's config for what knowlip does not model (merged over what knowlip sets).
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -182,6 +216,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attention": ("auto", "flash_attn", "sdpa", "reference"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.engine": ("deepspeed", "plain"),
+    "dist.backend": ("auto", "gloo", "nccl"),
 }
 
 
@@ -289,6 +325,11 @@ RANGES: dict[str, tuple] = {
     "train.warmup_steps": (lambda v: v >= 0, "0 or more"),
     "train.log_every": (lambda v: v >= 1, "at least 1"),
     "train.grad_clip": (lambda v: v >= 0, "0 (off) or positive"),
+    "train.max_nonfinite_in_a_row": (lambda v: v >= 1, "at least 1"),
+    "dist.nproc_per_node": (lambda v: v == "auto" or (v.isdigit() and int(v) >= 1), "'auto' or a positive integer"),
+    "dist.timeout_s": (lambda v: v >= 10, "at least 10"),
+    "ckpt.every": (lambda v: v >= 0, "0 (off) or positive"),
+    "ckpt.keep": (lambda v: v >= 1, "at least 1"),
 }
 
 
@@ -301,9 +342,42 @@ def _check_ranges(cfg: DictConfig) -> None:
         if len(bounds) != 2 or not bounds[0] < bounds[1]:
             raise ConfigError(f"bad value for the norm clip range of {pol}: {list(bounds)} must be [low, high] dB "
                               "with low < high")
+    for key in ("train.global_batch_size", "train.stop_at"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"bad value for '{key}': {value} must be at least 1 (or null)")
+    gbs = cfg.train.global_batch_size
+    if gbs is not None and gbs % cfg.data.batch_size:
+        raise ConfigError(f"bad value for 'train.global_batch_size': {gbs} is not a multiple of data.batch_size="
+                          f"{cfg.data.batch_size}")
     queue = cfg.model.queue_size
     if queue is not None and queue < 1:
         raise ConfigError(f"bad value for 'model.queue_size': {queue} must be at least 1 (or null for the preset)")
+
+
+def accumulation_steps(cfg: DictConfig, world_size: int) -> int:
+    """Micro-batches per optimiser step; fails (before any process group exists) when the global batch cannot
+    be split evenly over `world_size` ranks of data.batch_size samples."""
+    per_pass = cfg.data.batch_size * world_size
+    gbs = cfg.train.global_batch_size
+    if gbs is None:
+        return 1
+    if gbs % per_pass:
+        raise ConfigError(f"train.global_batch_size={gbs} cannot be split over {world_size} rank(s) x "
+                          f"data.batch_size={cfg.data.batch_size}: it must be a multiple of {per_pass}")
+    return gbs // per_pass
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short hash of what determines the training run (not where or how long it runs, nor how it resumes)."""
+    import hashlib
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("resume", "dist"):
+        plain.pop(key, None)
+    plain["train"].pop("stop_at", None)
+    plain["train"].pop("progress", None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _first_line(exc: Exception) -> str:

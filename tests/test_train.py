@@ -1,4 +1,5 @@
-"""The tiny model trains on synthetic shards (plain PyTorch, CPU), and the quickstart runs end to end."""
+"""The tiny model trains on synthetic shards (the plain engine, in process, CPU), and the quickstart runs end to
+end (DeepSpeed ZeRO-3 on 2 gloo ranks). The ZeRO-3 engine's own tests are in test_engine.py."""
 
 import json
 import os
@@ -16,7 +17,7 @@ def test_tiny_model_loss_falls_over_a_few_dozen_cpu_steps(synth_shards, tmp_path
     cfg = make_config(tmp_path, f"data.shards={synth_shards}", "data.batch_size=8", "data.max_text_len=96",
                       "model.image_size=32", "model.queue_size=16", "train.steps=36", "train.lr=1e-3",
                       "train.warmup_steps=3", "train.log_every=6", "train.alpha_ramp_steps=1",
-                      "train.tokenizer_vocab=400")
+                      "train.tokenizer_vocab=400", "train.engine=plain")
     result = Trainer(cfg).train()
     losses = np.array([h["loss"] for h in result["history"]])
     recon = np.array([h["loss_recon"] for h in result["history"]])
@@ -40,7 +41,7 @@ def test_quickstart_script_runs_end_to_end(tmp_path):
 run_dir: {tmp_path}/run
 synth: {{out_dir: {tmp_path}/scenes, num_scenes: 3, size: 128}}
 pack: {{inputs: [{tmp_path}/scenes], out_dir: {tmp_path}/shards}}
-data: {{shards: {tmp_path}/shards, batch_size: 8}}
+data: {{shards: {tmp_path}/shards, batch_size: 4}}
 train: {{steps: 4, log_every: 2, tokenizer_vocab: 300}}
 """)
     proc = subprocess.run(["bash", str(REPO / "launch/quickstart.sh")], env={**os.environ, "CONFIG": str(config)},
@@ -48,21 +49,25 @@ train: {{steps: 4, log_every: 2, tokenizer_vocab: 300}}
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "samples in 1 shards" in proc.stdout and "trained 4 steps" in proc.stdout
     assert (tmp_path / "run/model.safetensors").is_file()
+    assert (tmp_path / "run/checkpoints/step_00000004/meta.json").is_file()
+    again = subprocess.run(["bash", str(REPO / "launch/quickstart.sh")], env={**os.environ, "CONFIG": str(config)},
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "already finished: 4 of 4 steps" in again.stdout
 
 
 def test_resume_mid_epoch_is_bit_exact(synth_shards, tmp_path):
-    """10 steps straight == 4 steps, state saved and loaded into a fresh trainer, 6 more steps."""
+    """10 steps straight == 4 steps, a checkpoint, a fresh trainer resuming from it (resume=auto), 6 more."""
     import torch
 
     overrides = [f"data.shards={synth_shards}", "data.batch_size=8", "data.max_text_len=64", "model.image_size=32",
-                 "model.queue_size=16", "train.steps=10", "train.log_every=100", "train.tokenizer_vocab=300"]
+                 "model.queue_size=16", "train.steps=10", "train.log_every=100", "train.tokenizer_vocab=300",
+                 "train.engine=plain", "train.progress=false"]
     straight = Trainer(make_config(tmp_path / "a", *overrides))
     straight.train()
     first = Trainer(make_config(tmp_path / "b", *overrides))
-    first.train(until=4)  # as if preempted
-    torch.save(first.state_dict(), tmp_path / "state.pt")
+    assert first.train(until=4)["stopped"] == "stop_at"  # as if preempted: a checkpoint at step 4
     resumed = Trainer(make_config(tmp_path / "b", *overrides))
-    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
     assert resumed.step == 4 and resumed.loader.state_dict()["cursor"] == first.loader.state_dict()["cursor"] > 0
     resumed.train()
     a, b = straight.model.state_dict(), resumed.model.state_dict()
@@ -80,7 +85,7 @@ def test_bf16_autocast_step_runs_on_cpu(synth_shards, tmp_path):
     """The GPU's precision path (bf16 autocast, bf16 normalised images), exercised on the CPU."""
     cfg = make_config(tmp_path, f"data.shards={synth_shards}", "data.batch_size=8", "data.max_text_len=64",
                       "model.image_size=32", "model.queue_size=16", "train.steps=4", "train.precision=bf16",
-                      "norm.out_dtype=bfloat16", "train.tokenizer_vocab=300")
+                      "norm.out_dtype=bfloat16", "train.tokenizer_vocab=300", "train.engine=plain")
     trainer = Trainer(cfg)
     history = trainer.train()["history"]
     assert len(history) == 4 and all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in history)

@@ -16,6 +16,7 @@ from collections import Counter
 from functools import lru_cache
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
@@ -117,3 +118,11 @@ def _flash(q, k, v, key_padding_mask, causal) -> torch.Tensor:
                                     causal=causal)
     full = torch.zeros(b * lq, h, d, dtype=out.dtype, device=out.device).index_copy(0, idx, out)
     return full.view(b, lq, h, d).transpose(1, 2)
+
+
+def run_block(block: torch.nn.Module, *args, checkpointed: bool = False):
+    """Call a transformer block, optionally recomputing it in backward. The non-reentrant form: it is the one
+    that works under ZeRO-3 for modules called several times per step (zero3-patterns.md)."""
+    if checkpointed and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)

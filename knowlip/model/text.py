@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from knowlip.model.attention import AttentionStats, attention
+from knowlip.model.attention import AttentionStats, attention, run_block
 from knowlip.model.dims import TextDims
 
 MODES = ("text", "multimodal", "decoder")
@@ -96,6 +96,7 @@ class TextModel(nn.Module):
             self.lm_transform = nn.Linear(dims.dim, dims.dim)
             self.lm_norm = nn.LayerNorm(dims.dim, eps=1e-12)
             self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.activation_checkpointing = False  # recompute layers in backward (train.activation_checkpointing)
         self.apply(_init_bert)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, mode: str = "text",
@@ -108,7 +109,7 @@ class TextModel(nn.Module):
             raise ValueError(f"{ids.shape[1]} tokens exceed the {self.dims.max_positions} position embeddings")
         x = self.embeddings(ids)
         for layer in self.layers:
-            x = layer(x, mask, mode, image_embeds)
+            x = run_block(layer, x, mask, mode, image_embeds, checkpointed=self.activation_checkpointing)
         return x
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:

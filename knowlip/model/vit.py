@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from knowlip.model.attention import AttentionStats, attention
+from knowlip.model.attention import AttentionStats, attention, run_block
 from knowlip.model.dims import VisionDims
 
 
@@ -66,6 +66,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dims.dim))
         self.blocks = nn.ModuleList(VitBlock(dims, backend, stats) for _ in range(dims.depth))
         self.norm = nn.LayerNorm(dims.dim, eps=1e-6)
+        self.activation_checkpointing = False  # recompute blocks in backward (train.activation_checkpointing)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -80,5 +81,5 @@ class VisionTransformer(nn.Module):
         pos = interpolate_pos_embed(self.pos_embed, h // self.dims.patch)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, checkpointed=self.activation_checkpointing)
         return self.norm(x)

@@ -1,18 +1,18 @@
-"""The training loop, plain PyTorch in one process (the DeepSpeed ZeRO-3 engine replaces the optimiser step
-in a later release; the step below is written so that it can).
+"""The trainer: one readable orchestrator over the engine, the loader and the checkpoints.
 
-One step: raw chips to the device -> fused SAR normalisation -> momentum update -> model forward (ITC, ITM,
-reconstruction) -> backward -> optimiser step. Metrics go to <run_dir>/metrics.jsonl; the final weights,
-tokenizer and resolved config to <run_dir>.
+One step: raw chips to the device -> fused SAR normalisation -> momentum update -> forward (ITC, ITM,
+reconstruction) -> every rank agrees on (stop requested?, loss non-finite?) -> backward -> engine step.
+After the step: metrics (rank 0, <run_dir>/metrics.jsonl), then a checkpoint when one is due (`ckpt.every`,
+`train.stop_at`, the end, a signal, too many non-finite steps in a row).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import random
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -20,12 +20,19 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from knowlip.config import accumulation_steps, config_hash, to_yaml
 from knowlip.data.loader import StreamingLoader, build_loader
 from knowlip.data.shards import ShardIndex, load_index
+from knowlip.launch.local import RankEnv, free_port
+from knowlip.launch.signals import StopRequest
 from knowlip.model.build import build_model
 from knowlip.model.flops import training_flops_per_sample
 from knowlip.ops.sar_norm import params_from_config, sar_normalize
 from knowlip.text.tokenizer import CaptionTokenizer, load_tokenizer, train_wordpiece
+from knowlip.train import checkpoint as ckpt
+from knowlip.train.engine import build_engine, check_deepspeed_section, init_process_group
+from knowlip.train.export import export_checkpoint
+from knowlip.train.schedule import alpha_at, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +40,16 @@ log = logging.getLogger(__name__)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); a checkpoint was saved first."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is available")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -70,22 +81,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_data_fits(cfg, index: ShardIndex) -> None:
+def seed_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Each rank draws its own masks and negatives; a fresh seed for a resume at another world size."""
+    mixed = (seed * 1_000_003 + rank * 7_919 + step) % 2**31
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
+
+
+def check_data_fits(cfg, index: ShardIndex, world_size: int) -> None:
     """Fail before building anything when the shards cannot feed this model and batch."""
     channels = {len(b.split("+")) for b in index.info.get("report", {}).get("bands", {})}
     if channels and channels != {cfg.model.in_channels}:
         raise ValueError(f"{index.root}: chips have {sorted(channels)} channel(s) but model.in_channels="
                          f"{cfg.model.in_channels}")
-    if index.total_samples < cfg.data.batch_size:
+    if index.total_samples < cfg.data.batch_size * world_size:
         raise ValueError(f"{index.root}: {index.total_samples} samples are fewer than one batch "
-                         f"(data.batch_size={cfg.data.batch_size})")
+                         f"(data.batch_size={cfg.data.batch_size} x {world_size} rank(s))")
 
 
 class _Meter:
     """Throughput over the window since the last log line: samples/s, TFLOP/s, MFU, data-wait share."""
 
-    def __init__(self, flops_per_sample: int, peak: float | None):
-        self.flops_per_sample, self.peak = flops_per_sample, peak
+    def __init__(self, flops_per_sample: int, peak: float | None, world_size: int):
+        self.flops_per_sample, self.peak, self.world_size = flops_per_sample, peak, world_size
         self._reset()
 
     def _reset(self) -> None:
@@ -96,69 +115,114 @@ class _Meter:
 
     def fetched(self, samples: int) -> None:
         self.data_time += time.perf_counter() - self._fetch
-        self.samples += samples
+        self.samples += samples * self.world_size
 
     def window(self) -> dict:
-        elapsed = time.perf_counter() - self.start
+        """samples/s and TFLOP/s of the whole job; MFU per device."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
         flops = self.flops_per_sample * self.samples / elapsed
         out = {"samples_per_s": round(self.samples / elapsed, 2), "tflops_per_s": round(flops / 1e12, 4),
-               "mfu": round(flops / self.peak, 4) if self.peak else None,
+               "mfu": round(flops / self.world_size / self.peak, 4) if self.peak else None,
                "data_time_share": round(self.data_time / elapsed, 3)}
         self._reset()
         return out
 
 
 class Trainer:
-    def __init__(self, cfg):
+    def __init__(self, cfg, renv: RankEnv | None = None, stop: StopRequest | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(cfg.train.device)
+        renv = renv or RankEnv(0, 1, 0, 1, "127.0.0.1", free_port())
+        if cfg.train.engine == "plain" and renv.world_size > 1:
+            raise ValueError("train.engine=plain runs one process; use train.engine=deepspeed for several ranks")
+        # Everything that can fail on the config or the data fails here, before any process group exists.
+        self.accumulation = accumulation_steps(cfg, renv.world_size)
+        check_deepspeed_section(OmegaConf.to_container(cfg.deepspeed, resolve=True))
         self.index = load_index(cfg.data.shards)  # read once: index.json holds every sample's offset
-        check_data_fits(cfg, self.index)
-        torch.manual_seed(cfg.seed)
+        check_data_fits(cfg, self.index, renv.world_size)
+        self.device = resolve_device(cfg.train.device, renv.local_rank)
+        if self.device.type == "cpu" and renv.local_world_size > 1:
+            torch.set_num_threads(max(1, torch.get_num_threads() // renv.local_world_size))
+        if cfg.train.engine == "deepspeed":
+            init_process_group(renv, self.device, cfg.dist.backend, cfg.dist.timeout_s)
+        self.rank, self.world_size = renv.rank, renv.world_size
+        self.stop = stop or StopRequest()
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resume_from, universal = self._resume_plan()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.tokenizer = self._tokenizer()
         self.text = CaptionTokenizer(self.tokenizer, cfg.data.max_text_len)
-        self.loader = build_loader(cfg.data, tokenizer=self.text, pin_memory=self.device.type == "cuda",
-                                   index=self.index)
-        self.model = build_model(cfg.model, self.tokenizer).to(self.device)
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.train.lr, betas=(0.9, 0.98))
-        self.step = 0
+        self.loader = build_loader(cfg.data, self.rank, self.world_size, tokenizer=self.text,
+                                   pin_memory=self.device.type == "cuda", index=self.index)
+        model = build_model(cfg.model, self.tokenizer)
+        model.vision.activation_checkpointing = model.text.activation_checkpointing = cfg.train.activation_checkpointing
+        if cfg.train.compile:
+            for block in [*model.vision.blocks, *model.text.layers]:
+                block.compile()
+        self.engine = build_engine(model, cfg, self.device, bf16, self.accumulation, universal)
+        self.model = self.engine.module
+        self.step, self.nonfinite_skipped, self.nonfinite_in_a_row = 0, 0, 0
         self.norm_params = None
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None
+        self.resumed_from: Path | None = None
+        seed_rank(cfg.seed, self.rank)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from, universal)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size * self.world_size * self.accumulation
 
     # -- building blocks -------------------------------------------------------------------------------------
+
+    def _resume_plan(self) -> tuple[Path | None, bool]:
+        """Rank 0 picks the checkpoint (and converts it when the world size changed); every rank follows."""
+        plan, error = (None, False), None
+        if self.rank == 0:
+            try:
+                path = ckpt.resume_path(self.cfg)
+                if path is not None:
+                    meta = ckpt.read_meta(path)
+                    if meta["engine"] != self.cfg.train.engine:
+                        raise ValueError(f"{path}: written by the {meta['engine']} engine, but train.engine="
+                                         f"{self.cfg.train.engine}")
+                    universal = meta["world_size"] != self.world_size
+                    if universal:
+                        print(f"knowlip: {path.name} was saved by {meta['world_size']} rank(s); this job has "
+                              f"{self.world_size}: converting it to a universal checkpoint", file=sys.stderr)
+                        ckpt.convert_to_universal(path, log=lambda m: print(f"knowlip: {m}", file=sys.stderr))
+                    plan = (path, universal)
+            except (ValueError, FileNotFoundError, RuntimeError) as exc:
+                error = exc
+        plan, error = self._broadcast((plan, error))
+        if error is not None:
+            raise error
+        return plan
+
+    def _broadcast(self, obj):
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def _tokenizer(self):
         if self.cfg.model.tokenizer:
             return load_tokenizer(self.cfg.model.tokenizer)
         out = self.run_dir / "tokenizer"
-        if not (out / "tokenizer.json").is_file():
+        if self.rank == 0 and not (out / "tokenizer.json").is_file():
             train_wordpiece(shard_captions(self.index), out, self.cfg.train.tokenizer_vocab)
+        self._barrier()
         return load_tokenizer(out)
-
-    def _param_groups(self) -> list[dict]:
-        """No weight decay on biases, norms, embeddings tables of positions/tokens and the temperature."""
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            flat = p.dim() < 2 or name.endswith(("pos_embed", "cls_token", "temp"))
-            (no_decay if flat else decay).append(p)
-        return [{"params": decay, "weight_decay": self.cfg.train.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
-
-    def lr_at(self, step: int) -> float:
-        t = self.cfg.train
-        if step < t.warmup_steps:
-            return t.lr * (step + 1) / t.warmup_steps
-        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-        return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    def alpha_at(self, step: int) -> float:
-        ramp = self.cfg.train.alpha_ramp_steps
-        return self.cfg.model.losses.alpha * min(1.0, (step + 1) / ramp) if ramp > 0 else self.cfg.model.losses.alpha
 
     def normalise(self, batch: dict) -> torch.Tensor:
         """Raw chips -> normalised images, on the training device (never on the CPU when training on a GPU)."""
@@ -168,85 +232,257 @@ class Trainer:
             self.norm_params = params_from_config(self.cfg.norm, meta["polarisations"], meta["product"],
                                                   meta.get("calibration_gain"))
         images, _ = sar_normalize(chips, self.norm_params)
-        return images if self.autocast is not None else images.float()
+        return images.to(self.engine.compute_dtype)
+
+    def lr_at(self, step: int) -> float:
+        t = self.cfg.train
+        return lr_at(step, t.lr, t.warmup_steps, t.steps)
+
+    def alpha_at(self, step: int) -> float:
+        return alpha_at(step, self.cfg.model.losses.alpha, self.cfg.train.alpha_ramp_steps)
+
+    def batches(self):
+        """Micro-batches for ever, epoch after epoch (the loader's state says where we are)."""
+        while True:
+            yield from self.loader
 
     # -- the step --------------------------------------------------------------------------------------------
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        images = self.normalise(batch)
-        ids, att, kw = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "keyword_mask"))
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
-        self.model.momentum_update()
-        with self.autocast if self.autocast is not None else contextlib.nullcontext():
-            out = self.model(images, ids, att, kw, alpha=self.alpha_at(self.step))
-        self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.cfg.train.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        """One optimiser step over `accumulation` micro-batches. A non-finite loss on any rank skips the step
+        on every rank (counted); a stop request seen by any rank is agreed here too."""
+        self.engine.set_lr(self.lr_at(self.step))
+        self.engine.momentum_update()
+        sums: dict[str, float] = {}
+        skip = False
+        for batch in micro_batches:
+            images = self.normalise(batch)
+            ids, att, kw = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "keyword_mask"))
+            out = self.engine.forward(images, ids, att, kw, alpha=self.alpha_at(self.step))
+            nonfinite = not bool(torch.isfinite(out["loss"]).item()) or self._nan_injected()
+            stop, bad = self.engine.all_reduce_max([float(self.stop.requested), float(nonfinite)])
+            if stop:
+                self.stop.request(self.stop.signum or 10)
+            if bad or skip:
+                skip = True
+                continue
+            self.engine.backward(out["loss"])
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro_batches)
+        if skip:
+            self.engine.skip_step()
+            self.nonfinite_skipped += 1
+            self.nonfinite_in_a_row += 1
+            values = {"loss": float("nan"), "grad_norm": float("nan")}
+        else:
+            values = {**sums, "grad_norm": self.engine.step()}
+            self.nonfinite_in_a_row = 0
         self.step += 1
-        return {**{k: float(v.detach()) for k, v in out.items()}, "grad_norm": float(grad_norm)}
+        return values
+
+    def _nan_injected(self) -> bool:
+        """Test hook KNOWLIP_FAULT_NAN_STEPS=a-b: the last rank sees a non-finite loss at steps a..b (1-based)."""
+        import os
+
+        spec = os.environ.get("KNOWLIP_FAULT_NAN_STEPS")
+        if not spec or self.rank != self.world_size - 1:
+            return False
+        lo, _, hi = spec.partition("-")
+        return int(lo) <= self.step + 1 <= int(hi or lo)
 
     def train(self, until: int | None = None) -> dict:
-        """Train to `until` steps (default train.steps; an earlier stop is what a preemption looks like)."""
+        """Train to train.steps, or stop earlier (train.stop_at, `until`, a signal) with a checkpoint.
+        Returns {"steps", "history", "stopped", "checkpoint", ...}."""
         cfg = self.cfg
-        last = cfg.train.steps if until is None else min(until, cfg.train.steps)
+        last = min(x for x in (until, cfg.train.stop_at, cfg.train.steps) if x is not None)
         meter = _Meter(training_flops_per_sample(self.model.dims, len(self.tokenizer), cfg.model.image_size,
                                                  cfg.data.max_text_len, cfg.model.in_channels, cfg.data.batch_size,
-                                                 self.model.dims.queue_size), peak_flops(self.device))
-        metrics_path = self.run_dir / "metrics.jsonl"
+                                                 self.model.dims.queue_size), peak_flops(self.device),
+                       self.world_size)
         history: list[dict] = []
-        with metrics_path.open("a") as metrics:
-            while self.step < last:
+        stopped, saved = None, None
+        batches = self.batches()
+        with _MetricsFile(self.run_dir / "metrics.jsonl", self.rank == 0) as metrics, \
+                _Progress(cfg.train.steps, self.step, self.rank == 0 and cfg.train.progress) as bar:
+            while self.step < last and stopped is None:
+                micro = []
                 meter.fetch_started()
-                for batch in self.loader:
-                    meter.fetched(batch["chips"].shape[0])
-                    values = self.train_step(batch)
-                    history.append(values)
-                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                        self._log(metrics, values, meter.window())
-                    if self.step >= last:
-                        break
-                    meter.fetch_started()
-        if self.step >= cfg.train.steps:
-            self.save_final()
-        return {"steps": self.step, "history": history, "flops_per_sample": meter.flops_per_sample,
-                "metrics": str(metrics_path)}
+                for _ in range(self.accumulation):
+                    micro.append(next(batches))
+                    meter.fetched(micro[-1]["chips"].shape[0])
+                values = self.train_step(micro)
+                history.append(values)
+                bar.update(values, self.global_batch)
+                if self.step % cfg.train.log_every == 0 or self.step in (cfg.train.steps, last):
+                    metrics.write(self._row(values, meter.window()))
+                if self.stop.requested:
+                    stopped = f"signal {self.stop.name}"
+                elif self.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
+                    stopped = "nonfinite"
+                elif self.step == last and last < cfg.train.steps:
+                    stopped = "stop_at"
+                if stopped or self.step == cfg.train.steps or (cfg.ckpt.every and self.step % cfg.ckpt.every == 0):
+                    saved = self.save_checkpoint()
+        if stopped == "nonfinite":
+            raise TrainingStopped(f"{self.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite_in_a_row"
+                                  f"={cfg.train.max_nonfinite_in_a_row}) at step {self.step}: stopped; the last "
+                                  f"state is checkpointed in {saved}. Lower train.lr or check the data.")
+        if self.step >= cfg.train.steps and self.rank == 0:
+            export_checkpoint(saved or ckpt.resolve_checkpoint(self.run_dir), self.run_dir)
+        self._barrier()
+        return {"steps": self.step, "history": history, "stopped": stopped, "checkpoint": saved,
+                "flops_per_sample": meter.flops_per_sample, "metrics": str(self.run_dir / "metrics.jsonl")}
 
-    def _log(self, metrics, values: dict[str, float], throughput: dict) -> None:
-        row = {"step": self.step, "epoch": self.loader.epoch, "lr": self.lr_at(self.step - 1),
-               **{k: round(v, 5) for k, v in values.items()}, **throughput,
-               "skipped_samples": self.loader.stats.skipped,
-               "max_mem_gib": (round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
-                               if self.device.type == "cuda" else None)}
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        log.info("step %d loss %.4f (itc %.3f itm %.3f recon %.3f) %.1f samples/s", self.step, values["loss"],
-                 values["loss_itc"], values["loss_itm"], values["loss_recon"], row["samples_per_s"])
+    def _row(self, values: dict[str, float], throughput: dict) -> dict:
+        def clean(v: float):
+            return round(v, 5) if np.isfinite(v) else None
 
-    # -- resumable state (the checkpoint layer collects this) ----------------------------------------------
+        mem = (torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        return {"step": self.step, "epoch": self.loader.epoch, "lr": self.lr_at(self.step - 1),
+                **{k: clean(v) for k, v in values.items()}, **throughput,
+                "skipped_samples": self.loader.stats.skipped, "world_size": self.world_size,
+                "global_batch": self.global_batch, "nonfinite_skipped": self.nonfinite_skipped,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "max_mem_gib": round(mem, 3), "mem_kind": "gpu_peak" if self.device.type == "cuda" else "host_rss"}
 
-    def state_dict(self) -> dict:
-        return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "loader": self.loader.state_dict(), "rng": rng_state()}
+    # -- checkpoints (the layout lives in knowlip.train.checkpoint) --------------------------------------
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def client_state(self) -> dict:
+        """What the engine's own files do not hold (or a universal checkpoint would drop)."""
+        return {"step": self.step, "epoch": self.loader.epoch, "loader": self.loader.state_dict(),
+                "buffers": {k: v.detach().cpu() for k, v in self.model.named_buffers()},
+                "nonfinite_skipped": self.nonfinite_skipped, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "config": OmegaConf.to_container(self.cfg, resolve=True), "config_hash": config_hash(self.cfg),
+                "mlflow_run_id": None, "scio": None}
+
+    def save_checkpoint(self) -> Path:
+        """Every rank writes its part into a partial folder; rank 0 publishes it once all have finished."""
+        root = ckpt.checkpoint_root(self.cfg)
+        partial = root / (ckpt.checkpoint_name(self.step) + ckpt.PARTIAL)
+        if self.rank == 0:
+            ckpt.begin_save(root, self.step)
+        self._barrier()
+        self.engine.save(partial)
+        torch.save(rng_state(), ckpt.rng_file(partial, self.rank))
+        if _fault("kill_in_save") == self.step and self.rank == self.world_size - 1:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: a rank dies with its files half written
+        momentum = self.engine.momentum_state()  # a collective: every rank takes part
+        if self.rank == 0:
+            torch.save(momentum, partial / "momentum.pt")
+            torch.save(self.client_state(), partial / "state.pt")
+            self.tokenizer.save_pretrained(partial / "tokenizer")
+            (partial / "config.yaml").write_text(to_yaml(self.cfg))
+        self._barrier()
+        final = root / ckpt.checkpoint_name(self.step)
+        if self.rank == 0:
+            meta = {"step": self.step, "world_size": self.world_size, "engine": self.cfg.train.engine,
+                    "config_hash": config_hash(self.cfg), "global_batch": self.global_batch}
+            final = ckpt.commit_save(partial, meta, self.cfg.ckpt.keep)
+            log.info("saved checkpoint %s", final)
+        self._barrier()
+        return final
+
+    def load_checkpoint(self, path: Path, universal: bool = False) -> None:
+        self.engine.load(path, universal)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        self.engine.load_momentum_state(torch.load(path / "momentum.pt", map_location="cpu", mmap=True))
+        with torch.no_grad():
+            for name, buf in self.model.named_buffers():
+                buf.copy_(state["buffers"][name])
         self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
-        set_rng_state(state["rng"])
+        self.nonfinite_skipped = int(state["nonfinite_skipped"])
+        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        rng = ckpt.rng_file(path, self.rank)
+        if not universal and rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
+        else:
+            seed_rank(self.cfg.seed, self.rank, self.step)
+        if state["config_hash"] != config_hash(self.cfg) and self.rank == 0:
+            changed = _config_changes(state["config"], OmegaConf.to_container(self.cfg, resolve=True))
+            log.warning("resuming %s with a changed config: %s", path, ", ".join(changed) or "(hash only)")
+        if self.rank == 0:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            print(f"knowlip: resumed from {path} at step {self.step} (epoch {self.loader.epoch}, cursor "
+                  f"{self.loader.cursor}){' via its universal form' if universal else ''}", file=sys.stderr)
+        self.resumed_from = path
 
-    def save_final(self) -> Path:
-        from safetensors.torch import save_file
 
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        path = self.run_dir / "model.safetensors"
+def _fault(name: str) -> int | None:
+    """Test hooks (KNOWLIP_FAULT_<NAME>=<step>): faults that cannot be produced from outside on cue."""
+    import os
+
+    value = os.environ.get(f"KNOWLIP_FAULT_{name.upper()}")
+    return int(value) if value else None
+
+
+def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_changes(a, b, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" not in ("resume", "train.stop_at") and not key.startswith("dist"):
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """A resumed run continues the same metrics.jsonl: rows past the checkpoint's step (logged before a crash
+    and about to be redone) are dropped."""
+    if not path.is_file():
+        return
+    rows = path.read_text().splitlines()
+    keep = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+    if len(keep) != len(rows):
         tmp = path.with_suffix(".tmp")
-        save_file(weights, str(tmp))
+        tmp.write_text("".join(r + "\n" for r in keep))
         tmp.replace(path)
-        self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-        return path
+
+
+class _MetricsFile:
+    """metrics.jsonl, appended to by rank 0 only."""
+
+    def __init__(self, path: Path, active: bool):
+        self.path, self.active, self.file = path, active, None
+
+    def __enter__(self):
+        if self.active:
+            self.file = self.path.open("a")
+        return self
+
+    def write(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
+
+
+class _Progress:
+    """A progress bar on rank 0: step, loss, samples/s and ETA."""
+
+    def __init__(self, total: int, initial: int, active: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, disable=not active, unit="step", file=sys.stderr,
+                        mininterval=1.0, dynamic_ncols=True, desc="train")
+        self.last = time.perf_counter()
+
+    def update(self, values: dict, samples: int) -> None:
+        now = time.perf_counter()
+        rate, self.last = samples / max(now - self.last, 1e-9), now
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{rate:.1f}", refresh=False)
+        self.bar.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()

@@ -1,0 +1,32 @@
+"""Preemption-safe stopping: a signal only sets a flag; the trainer acts on it at the next step boundary,
+after every rank agreed (so that all of them save one checkpoint together and exit)."""
+
+from __future__ import annotations
+
+import signal
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopRequest:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> "StopRequest":
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum  # nothing else: a handler may run at any bytecode, even inside a collective
+
+    def request(self, signum: int = signal.SIGUSR1) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""

@@ -1,0 +1,350 @@
+"""The training engine: DeepSpeed ZeRO-3 across ranks (`ZeroEngine`), or plain torch in one process
+(`PlainEngine`, for debugging and as the baseline of bench/train_step.py). Both expose the same small API:
+
+    forward(...) / backward(loss) / step() -> grad norm / skip_step() / set_lr(lr) / momentum_update()
+    save(folder) / load(folder, universal) / momentum_state() / load_momentum_state(state)
+    all_reduce_max(values) / barrier() / broadcast_object(obj)
+
+The traps of ZeRO-3 this module handles (../shared/notes/zero3-patterns.md):
+- DeepSpeed clips gradients at 1.0 unless told otherwise: `gradient_clipping` is always set, from train.grad_clip.
+- The momentum (EMA) copies are frozen, partitioned parameters: the update writes the partitions (and the full
+  copy of persistent small parameters), outside forward, from an fp32 accumulator so that a bf16 run's EMA is
+  not rounded away (0.005 x a weight difference is below bf16's resolution).
+- Universal checkpoints keep only trainable parameters: the momentum weights and buffers travel in our own files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from knowlip.config import ConfigError
+from knowlip.launch.local import RankEnv
+
+log = logging.getLogger(__name__)
+
+OPTIMIZER_BETAS = (0.9, 0.98)
+PLAIN_FILE = "engine/plain_engine.pt"
+# DeepSpeed keys that knowlip derives from its own config; the `deepspeed:` section may not set them.
+OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+              "gradient_clipping", "optimizer", "scheduler")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, position/class embeddings and the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        flat = p.dim() < 2 or name.endswith(("pos_embed", "cls_token", "temp"))
+        (no_decay if flat else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def check_deepspeed_section(section: dict) -> None:
+    """The `deepspeed:` pass-through may add to what knowlip sets, not contradict it (checked before launch)."""
+    for key in OWNED_KEYS:
+        if key in section:
+            raise ConfigError(f"deepspeed.{key} is set by knowlip (data.batch_size, train.global_batch_size, "
+                              "train.grad_clip, train.lr): remove it from the deepspeed section")
+    stage = section.get("zero_optimization", {}).get("stage", 3)
+    if stage != 3:
+        raise ConfigError(f"deepspeed.zero_optimization.stage={stage}: the engine is ZeRO-3 (stage 3)")
+
+
+def deepspeed_config(cfg, world_size: int, accumulation: int, bf16: bool, universal: bool) -> dict:
+    """DeepSpeed's config: what knowlip models, then the user's `deepspeed:` section merged over it."""
+    from omegaconf import OmegaConf
+
+    user = OmegaConf.to_container(cfg.deepspeed, resolve=True) if len(cfg.deepspeed) else {}
+    check_deepspeed_section(user)
+    ours = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": cfg.data.batch_size * accumulation * world_size,
+        "gradient_clipping": float(cfg.train.grad_clip),  # explicit: DeepSpeed's default is 1.0, not off
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "checkpoint": {"load_universal": universal},
+    }
+    return deep_merge(ours, user)
+
+
+def _silence_shm_comm() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (~95 s) at its first init. gloo is
+    correct without it, so skip the build (cpu-stack.md)."""
+    import importlib
+
+    # importlib, not `import deepspeed.comm.torch as m`: that name resolves to the torch package itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def init_process_group(renv: RankEnv, device: torch.device, backend: str, timeout_s: int) -> None:
+    """torch.distributed through DeepSpeed's comm layer: nccl on GPUs, gloo on CPU."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(renv.local_rank)
+    else:
+        _silence_shm_comm()
+    renv.export()
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                               verbose=False)
+
+
+class _DistMixin:
+    """Collectives the trainer needs, same on both engines (no-ops in one process)."""
+
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+class PlainEngine(_DistMixin):
+    """One process, torch AdamW, optional bf16 autocast: the reference the ZeRO-3 engine is compared with."""
+
+    name = "plain"
+
+    def __init__(self, model: torch.nn.Module, cfg, device: torch.device, bf16: bool, accumulation: int = 1):
+        self.module, self.device, self.cfg = model.to(device), device, cfg
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                           betas=OPTIMIZER_BETAS)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
+        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.accumulation = accumulation
+
+    def forward(self, *args, **kwargs) -> dict:
+        if self.autocast is None:
+            return self.module(*args, **kwargs)
+        with self.autocast:
+            return self.module(*args, **kwargs)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def momentum_update(self) -> None:
+        self.module.momentum_update()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation).backward()
+
+    def step(self) -> float:
+        """Clip (train.grad_clip; 0 = off), apply, clear. Returns the global gradient norm before clipping."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        clip = self.cfg.train.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, folder: Path) -> None:
+        (folder / "engine").mkdir(parents=True, exist_ok=True)
+        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                   folder / PLAIN_FILE)
+
+    def load(self, folder: Path, universal: bool = False) -> None:
+        state = torch.load(folder / PLAIN_FILE, map_location=self.device, weights_only=False)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def momentum_state(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().float().cpu() for name, p in _momentum_named(self.module)}
+
+    def load_momentum_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in _momentum_named(self.module):
+                p.copy_(state[name])
+
+
+def _momentum_named(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """The frozen momentum copies, by their name in the model."""
+    ids = {id(pm) for _, pm in model.momentum_pairs()}
+    return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+
+
+class ZeroEngine(_DistMixin):
+    """DeepSpeed ZeRO-3 over the initialised process group."""
+
+    name = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, cfg, device: torch.device, bf16: bool, accumulation: int,
+                 universal: bool = False):
+        import deepspeed
+
+        self.device, self.cfg, self.accumulation = device, cfg, accumulation
+        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                      betas=OPTIMIZER_BETAS)
+        self.config = deepspeed_config(cfg, self.world_size, accumulation, bf16, universal)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 config=self.config, dist_init_required=False)
+        self.module = self.engine.module
+        self._micro = 0
+        self._build_ema_state()
+
+    # -- the step ----------------------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs) -> dict:
+        return self.engine(*args, **kwargs)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._micro += 1
+        self.engine.set_gradient_accumulation_boundary(self._micro == self.accumulation)
+        self.engine.backward(loss)
+        if self._micro < self.accumulation:
+            self.engine.step()  # accumulates only: the boundary is not reached
+
+    def step(self) -> float:
+        """The optimiser step at the accumulation boundary (DeepSpeed clips by train.grad_clip). Returns the
+        global gradient norm before clipping."""
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        self._micro = 0
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def skip_step(self) -> None:
+        """Drop whatever this step accumulated (a non-finite loss on some rank)."""
+        self.optimizer.zero_grad()
+        self._micro = 0
+
+    # -- momentum encoders under ZeRO-3 -----------------------------------------------------------------
+
+    def _build_ema_state(self) -> None:
+        """fp32 accumulators of the momentum partitions (and of the full copy of persistent parameters)."""
+        self._ema = []
+        for p, pm in self.module.momentum_pairs():
+            exact = pm.ds_tensor.dtype == torch.float32
+            part32 = None if exact else pm.ds_tensor.detach().float().clone()
+            full32 = None if exact or not _is_persistent(pm) else pm.data.detach().float().clone()
+            self._ema.append((p, pm, part32, full32))
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """pm <- m pm + (1 - m) p on this rank's partitions (no communication); also the full copy that ZeRO-3
+        keeps of persistent (small) parameters, which forward reads instead of the partition."""
+        m = self.module.loss_cfg.momentum
+        for p, pm, part32, full32 in self._ema:
+            if part32 is None:
+                pm.ds_tensor.mul_(m).add_(p.ds_tensor, alpha=1 - m)
+            else:
+                part32.mul_(m).add_(p.ds_tensor.float(), alpha=1 - m)
+                pm.ds_tensor.copy_(part32)
+            if _is_persistent(pm):
+                if full32 is None:
+                    pm.data.mul_(m).add_(p.data, alpha=1 - m)
+                else:
+                    full32.mul_(m).add_(p.data.float(), alpha=1 - m)
+                    pm.data.copy_(full32)
+
+    def momentum_state(self) -> dict[str, torch.Tensor]:
+        """The full fp32 momentum weights, gathered from every rank's partition (a collective; rank 0 keeps
+        them, other ranks get {})."""
+        out = {}
+        names = {id(pm): n for n, pm in _momentum_named(self.module)}
+        for p, pm, part32, _ in self._ema:
+            part = (pm.ds_tensor if part32 is None else part32).detach().float()
+            parts = [torch.empty_like(part) for _ in range(self.world_size)]
+            dist.all_gather(parts, part.contiguous())
+            if self.rank == 0:
+                out[names[id(pm)]] = torch.cat(parts)[: pm.ds_numel].view(pm.ds_shape).cpu()
+        return out
+
+    @torch.no_grad()
+    def load_momentum_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Every rank writes its own slice of the full weights (read from the shared checkpoint folder)."""
+        names = {id(pm): n for n, pm in _momentum_named(self.module)}
+        self._build_ema_state()
+        for i, (p, pm, part32, full32) in enumerate(self._ema):
+            full = state[names[id(pm)]].float().reshape(-1)
+            size = pm.ds_tensor.numel()
+            chunk = torch.zeros(size, dtype=torch.float32)
+            piece = full[self.rank * size : (self.rank + 1) * size]
+            chunk[: piece.numel()] = piece
+            pm.ds_tensor.copy_(chunk.to(pm.ds_tensor.device))
+            if part32 is not None:
+                part32.copy_(chunk.to(part32.device))
+            if _is_persistent(pm):
+                pm.data.copy_(full.view(pm.ds_shape).to(pm.data.device, pm.data.dtype))
+                if full32 is not None:
+                    full32.copy_(full.view(pm.ds_shape).to(full32.device))
+
+    # -- checkpoint files ------------------------------------------------------------------------------
+
+    def save(self, folder: Path) -> None:
+        """DeepSpeed's sharded files (every rank writes its partitions) under folder/engine."""
+        self.engine.save_checkpoint(str(folder), tag="engine", client_state={}, save_latest=False)
+
+    def load(self, folder: Path, universal: bool = False) -> None:
+        tag = "universal" if universal else "engine"
+        path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
+
+
+def _is_persistent(p) -> bool:
+    """ZeRO-3 keeps a full copy of small parameters on every rank (stage3_param_persistence_threshold)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return p.ds_status == ZeroParamStatus.AVAILABLE
+
+
+def build_engine(model: torch.nn.Module, cfg, device: torch.device, bf16: bool, accumulation: int,
+                 universal: bool = False):
+    if cfg.train.engine == "plain":
+        return PlainEngine(model, cfg, device, bf16, accumulation)
+    return ZeroEngine(model.to(device), cfg, device, bf16, accumulation, universal)

@@ -1,0 +1,83 @@
+"""Export a checkpoint to consolidated safetensors + config + tokenizer, and load such an export with plain
+torch (no DeepSpeed):
+
+    from knowlip.train.export import load_exported
+    model, tokenizer = load_exported("exported/")
+    image_embeds, image_feat = model.encode_image(images)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from knowlip.train import checkpoint as ckpt
+
+WEIGHTS = "model.safetensors"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The full model state dict of a complete checkpoint, fp32: trainable weights from the engine's files,
+    momentum weights and buffers from knowlip's own (the same tensors whatever the engine or world size)."""
+    meta = ckpt.read_meta(path)
+    if meta is None:
+        raise ValueError(f"{path}: not a complete checkpoint")
+    if meta["engine"] == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints every tensor it finds
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine")
+    else:
+        from knowlip.train.engine import PLAIN_FILE
+
+        weights = torch.load(path / PLAIN_FILE, map_location="cpu", weights_only=False)["module"]
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    weights.update(torch.load(path / "momentum.pt", map_location="cpu"))
+    weights.update(torch.load(path / "state.pt", map_location="cpu", weights_only=False)["buffers"])
+    return weights
+
+
+def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+    """A checkpoint (or a run folder: its newest complete checkpoint) -> out/{model.safetensors, config.yaml,
+    tokenizer/, export.json}."""
+    from safetensors.torch import save_file
+
+    path, out = ckpt.resolve_checkpoint(source), Path(out)
+    if dtype not in DTYPES:
+        raise ValueError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    weights = consolidated_state_dict(path)
+    cast = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(cast, str(tmp), metadata={"source": str(path), "dtype": dtype})
+    tmp.replace(out / WEIGHTS)
+    shutil.copyfile(path / "config.yaml", out / "config.yaml")
+    if (out / "tokenizer").resolve() != (path / "tokenizer").resolve():
+        shutil.copytree(path / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    meta = ckpt.read_meta(path)
+    (out / "export.json").write_text(json.dumps({"checkpoint": str(path), "step": meta["step"], "dtype": dtype,
+                                                 "tensors": len(cast)}, indent=1))
+    return out / WEIGHTS
+
+
+def load_exported(folder: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer) from an export folder; plain torch, no DeepSpeed."""
+    from safetensors.torch import load_file
+
+    from knowlip.config import load_config
+    from knowlip.model.build import build_model
+    from knowlip.text.tokenizer import load_tokenizer
+
+    folder = Path(folder)
+    cfg = load_config(folder / "config.yaml", ["model.pretrained_text=null", "model.pretrained_vision=null"])
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    model = build_model(cfg.model, tokenizer)
+    state = load_file(str(folder / WEIGHTS))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.to(device).eval(), tokenizer

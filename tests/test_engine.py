@@ -1,0 +1,248 @@
+"""The training engine for real: DeepSpeed ZeRO-3 over 2 gloo ranks on CPU, launched by `knowlip train` itself
+(each test starts real processes; nothing is mocked). Expected values come from an uninterrupted run, from the
+EMA formula computed here in float64, or from the optimiser's own moments."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from knowlip.launch.local import spawn_local_ranks
+from knowlip.train.checkpoint import list_checkpoints, read_meta
+from knowlip.train.export import consolidated_state_dict, export_checkpoint, load_exported
+
+pytestmark = pytest.mark.integration
+CLI = [sys.executable, "-m", "knowlip.cli"]
+PROBE = str(REPO / "tests" / "engine_probe.py")
+
+
+@pytest.fixture(scope="module")
+def base(synth_shards, tmp_path_factory) -> list[str]:
+    """Overrides shared by every run: the tiny model on the session's synthetic shards (96 chips, 12 global steps
+    of 2 x 4 per epoch), one tokenizer built once."""
+    from knowlip.text.tokenizer import train_wordpiece
+    from knowlip.train.trainer import shard_captions
+    from knowlip.data.shards import load_index
+
+    tok = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_wordpiece(shard_captions(load_index(synth_shards)), tok, 300)
+    return [f"data.shards={synth_shards}", "data.batch_size=4", "data.max_text_len=48", "model.image_size=32",
+            "model.queue_size=16", f"model.tokenizer={tok}", "train.log_every=1", "train.warmup_steps=2",
+            "train.steps=8", "train.progress=false"]
+
+
+def train(run_dir: Path, base: list[str], *overrides: str, nproc: int = 2, env: dict | None = None,
+          check: bool = True) -> subprocess.CompletedProcess:
+    cmd = CLI + ["train", f"run_dir={run_dir}", f"dist.nproc_per_node={nproc}", *base, *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def probe(run_dir: Path, base: list[str], out: Path, nproc: int, *overrides: str) -> dict:
+    """What the engine holds after resuming run_dir's newest checkpoint with `nproc` ranks."""
+    cmd = [sys.executable, PROBE, str(out), f"run_dir={run_dir}", *base, *overrides]
+    assert spawn_local_ranks(nproc, cmd) == 0
+    return torch.load(out, weights_only=False)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"metrics.jsonl steps repeat or go back: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def assert_same_tensors(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(base, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train(run, base)
+    return run
+
+
+def test_stop_at_then_resume_is_bit_exact(straight, base, tmp_path):
+    run = tmp_path / "run"
+    first = train(run, base, "train.stop_at=4")
+    assert "stopped at step 4 of 8 (stop_at)" in first.stdout
+    assert [c.step for c in list_checkpoints(run / "checkpoints")] == [4]
+    second = train(run, base)
+    assert "resumed from" in second.stderr and "step_00000004 at step 4" in second.stderr
+    assert losses(run) == losses(straight) and sorted(losses(run)) == list(range(1, 9))
+    assert_same_tensors(weights(run), weights(straight))
+
+
+def test_sigkill_during_a_save_resumes_from_the_previous_complete_checkpoint(straight, base, tmp_path):
+    run = tmp_path / "run"
+    killed = train(run, base, "ckpt.every=2", env={"KNOWLIP_FAULT_KILL_IN_SAVE": "4"}, check=False)
+    assert killed.returncode != 0
+    infos = {c.path.name: c.complete for c in list_checkpoints(run / "checkpoints")}
+    assert infos == {"step_00000002": True, "step_00000004.partial": False}
+    assert (run / "checkpoints/latest").read_text().strip() == "step_00000002"
+    ls = subprocess.run(CLI + ["ckpt", "ls", str(run)], capture_output=True, text=True)
+    assert "INCOMPLETE" in ls.stdout and "complete" in ls.stdout
+    resumed = train(run, base, "ckpt.every=2")
+    assert "step_00000002 at step 2" in resumed.stderr
+    assert not (run / "checkpoints/step_00000004.partial").exists()
+    assert_same_tensors(weights(run), weights(straight))
+    assert losses(run) == losses(straight)
+
+
+@pytest.fixture(scope="module")
+def stopped(base, tmp_path_factory):
+    """Runs stopped at step 4 with 2 ranks and with 1, each probed at its own world size."""
+    out = {}
+    for nproc in (2, 1):
+        tmp = tmp_path_factory.mktemp(f"stopped{nproc}")
+        train(tmp / "run", base, "train.stop_at=4", nproc=nproc)
+        out[nproc] = (tmp / "run", probe(tmp / "run", base, tmp / "probe.pt", nproc))
+    return out
+
+
+@pytest.mark.parametrize("saved,resumed", [(2, 1), (1, 2)])
+def test_resume_at_another_world_size_keeps_the_training_state(stopped, base, tmp_path, saved, resumed):
+    run, same = stopped[saved]
+    other = probe(run, base, tmp_path / "probe.pt", resumed)
+    assert same["world_size"] == saved and other["world_size"] == resumed
+    assert other["step"] == same["step"] == 4
+    assert other["loader"]["cursor"] == same["loader"]["cursor"] == 4 * 4 * saved
+    assert_same_tensors(other["params"], same["params"])
+    for name in same["moments"]:
+        for a, b in zip(other["moments"][name], same["moments"][name]):
+            assert torch.equal(a, b), name
+    assert_same_tensors(other["momentum"], same["momentum"])
+    assert_same_tensors(other["buffers"], same["buffers"])
+    torch.testing.assert_close(other["image_feat"], same["image_feat"], atol=1e-6, rtol=0)
+    # and it trains on at the new world size
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    done = train(copy, base, nproc=resumed)
+    assert "trained 8 steps" in done.stdout and "universal" in done.stderr
+    assert sorted(losses(copy)) == list(range(1, 9))
+
+
+def test_export_loads_with_plain_torch_and_gives_the_engines_embeddings(stopped, tmp_path):
+    run, probed = stopped[2]
+    export_checkpoint(run, tmp_path / "export")
+    model, tokenizer = load_exported(tmp_path / "export")
+    images, ids, att = probed["inputs"]
+    with torch.no_grad():
+        image_feat = model.encode_image(images)[1]
+        text_feat = model.encode_text(ids, att)
+    torch.testing.assert_close(image_feat, probed["image_feat"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(text_feat, probed["text_feat"], atol=1e-6, rtol=0)
+    assert len(tokenizer) == len(load_exported(tmp_path / "export")[1])
+    cli = subprocess.run(CLI + ["export", str(run), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"],
+                         capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    from safetensors.torch import load_file
+
+    half = load_file(str(tmp_path / "bf16/model.safetensors"))
+    assert half["temp"].dtype == torch.bfloat16 and half["queue_ptr"].dtype == torch.long
+
+
+def test_sigusr1_saves_collectively_exits_0_and_the_run_resumes(base, tmp_path):
+    run = tmp_path / "run"
+    cmd = CLI + ["train", f"run_dir={run}", "dist.nproc_per_node=2", *base, "train.steps=400"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    assert "(signal SIGUSR1)" in out
+    [saved] = list_checkpoints(run / "checkpoints")
+    assert saved.complete and 2 <= saved.step < 400 and read_meta(saved.path)["world_size"] == 2
+    resumed = train(run, base, "train.steps=400", f"train.stop_at={saved.step + 2}")
+    assert f"at step {saved.step}" in resumed.stderr
+    assert sorted(losses(run)) == list(range(1, saved.step + 3))
+
+
+def test_momentum_weights_follow_the_ema_formula_under_zero3(base, tmp_path):
+    """pm(k+1) = m pm(k) + (1 - m) p(k), with p(k) the online weights after step k, from two checkpoints. With a
+    persistence threshold of 100 elements most momentum tensors live only as partitions on the two ranks."""
+    run = tmp_path / "run"
+    train(run, base, "train.steps=3", "ckpt.every=1", "ckpt.keep=5", "model.losses.momentum=0.9",
+          "deepspeed.zero_optimization.stage3_param_persistence_threshold=100")
+    before = consolidated_state_dict(run / "checkpoints/step_00000002")
+    after = consolidated_state_dict(run / "checkpoints/step_00000003")
+    online = {f"{k.split('.')[0]}_m.{k.split('.', 1)[1]}": k for k in before
+              if k.split(".")[0] in ("vision", "vision_proj", "text", "text_proj")}
+    momentum_names = [k for k in after if k in online]
+    assert len(momentum_names) > 20
+    moved = 0
+    for name in momentum_names:
+        expected = 0.9 * before[name].double() + 0.1 * before[online[name]].double()
+        torch.testing.assert_close(after[name].double(), expected, atol=1e-6, rtol=1e-6, msg=name)
+        moved += not torch.equal(after[name], before[name])
+    assert moved > 0.9 * len(momentum_names)
+
+
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(base, tmp_path):
+    run = tmp_path / "run"
+    train(run, base, "train.steps=4", "ckpt.every=1", "ckpt.keep=5", env={"KNOWLIP_FAULT_NAN_STEPS": "3"})
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert rows[3]["loss"] is None and rows[3]["nonfinite_skipped"] == 1 and rows[4]["nonfinite_in_a_row"] == 0
+    assert rows[4]["loss"] is not None
+    two, three = (consolidated_state_dict(run / f"checkpoints/step_0000000{s}") for s in (2, 3))
+    trainable = [k for k in two if k.split(".")[0] in ("vision", "text", "vision_proj", "text_proj", "itm_head")]
+    assert all(torch.equal(two[k], three[k]) for k in trainable)  # no update at step 3, on either rank
+
+    stuck = train(tmp_path / "stuck", base, "train.max_nonfinite_in_a_row=2", env={"KNOWLIP_FAULT_NAN_STEPS": "2-9"},
+                  check=False)
+    assert stuck.returncode == 3 and "2 non-finite losses in a row" in stuck.stderr
+    assert [c.step for c in list_checkpoints(tmp_path / "stuck/checkpoints") if c.complete] == [3]
+
+
+def test_grad_clip_bounds_the_applied_gradient_and_zero_means_off(base, tmp_path):
+    """After one AdamW step exp_avg = (1 - beta1) g, so its norm is (1 - beta1) x the norm of the gradient the
+    optimiser received: the clip value when clipping, the raw norm (metrics' grad_norm, well above DeepSpeed's
+    silent default of 1.0) when off."""
+    norms = {}
+    for clip in (0.01, 0.0):
+        run = tmp_path / f"clip{clip}"
+        train(run, base, "train.steps=1", f"train.grad_clip={clip}", nproc=1)
+        state = probe(run, base, tmp_path / "p.pt", 1, "train.steps=1")
+        applied = torch.cat([m[0].flatten() for m in state["moments"].values()]).norm().item() / (1 - 0.9)
+        norms[clip] = (applied, losses_row(run)["grad_norm"])
+    assert norms[0.01][0] == pytest.approx(0.01, rel=1e-4)
+    assert norms[0.0][1] > 2 and norms[0.0][0] == pytest.approx(norms[0.0][1], rel=1e-4)
+
+
+def losses_row(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_a_global_batch_the_world_cannot_split_fails_before_any_process_starts(base, tmp_path):
+    start = time.monotonic()
+    proc = train(tmp_path / "run", base, "train.global_batch_size=12", check=False)
+    assert proc.returncode == 2 and "cannot be split over 2 rank(s)" in proc.stderr
+    assert not (tmp_path / "run").exists() and time.monotonic() - start < 30
