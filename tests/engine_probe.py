@@ -1,6 +1,6 @@
 """Run as every rank of a job (tests/test_engine.py launches it): build the Trainer from a config, which resumes
 the checkpoint the config names, and write what the engine holds at that point (rank 0 writes the file):
-step and loader state, every trainable parameter with its AdamW moments (full, fp32, gathered from the ZeRO-3
+step and loader state, the sample keys every rank gets for the rest of the epoch, every trainable parameter with its AdamW moments (full, fp32, gathered from the ZeRO-3
 partitions), the momentum weights, the buffers, and the image/text embeddings of a fixed batch.
 
     python tests/engine_probe.py OUT.pt key=value ...
@@ -42,8 +42,16 @@ def main(out: str, overrides: list[str]) -> None:
     with torch.no_grad():
         image_feat = model.encode_image(images.to(engine.compute_dtype))[1].float()
         text_feat = model.encode_text(ids, att).float()
+    loader_state = trainer.loader.state_dict()
+    remaining = [key for batch in trainer.loader for key in batch["keys"]]  # the rest of the epoch, this rank
+    if trainer.world_size > 1:
+        import torch.distributed as dist
+
+        parts = [None] * trainer.world_size
+        dist.all_gather_object(parts, remaining)
+        remaining = [key for part in parts for key in part]
     if trainer.rank == 0:
-        torch.save({"step": trainer.step, "loader": trainer.loader.state_dict(), "params": params,
+        torch.save({"remaining_keys": remaining, "step": trainer.step, "loader": loader_state, "params": params,
                     "moments": moments, "momentum": momentum,
                     "buffers": {k: v.cpu() for k, v in model.named_buffers()},
                     "inputs": (images, ids, att), "image_feat": image_feat, "text_feat": text_feat,

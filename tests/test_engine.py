@@ -129,6 +129,9 @@ def test_resume_at_another_world_size_keeps_the_training_state(stopped, base, tm
     assert same["world_size"] == saved and other["world_size"] == resumed
     assert other["step"] == same["step"] == 4
     assert other["loader"]["cursor"] == same["loader"]["cursor"] == 4 * 4 * saved
+    # the epoch goes on with exactly the samples not yet seen, each once, whatever the world size
+    assert len(set(other["remaining_keys"])) == len(other["remaining_keys"]) == 96 - 16 * saved
+    assert set(other["remaining_keys"]) == set(same["remaining_keys"])
     assert_same_tensors(other["params"], same["params"])
     for name in same["moments"]:
         for a, b in zip(other["moments"][name], same["moments"][name]):
@@ -166,7 +169,8 @@ def test_export_loads_with_plain_torch_and_gives_the_engines_embeddings(stopped,
 
 def test_sigusr1_saves_collectively_exits_0_and_the_run_resumes(base, tmp_path):
     run = tmp_path / "run"
-    cmd = CLI + ["train", f"run_dir={run}", "dist.nproc_per_node=2", *base, "train.steps=400"]
+    cmd = CLI + ["train", f"run_dir={run}", "dist.nproc_per_node=2", *base, "train.steps=400",
+                 "train.activation_checkpointing=true"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -181,7 +185,8 @@ def test_sigusr1_saves_collectively_exits_0_and_the_run_resumes(base, tmp_path):
     assert "(signal SIGUSR1)" in out
     [saved] = list_checkpoints(run / "checkpoints")
     assert saved.complete and 2 <= saved.step < 400 and read_meta(saved.path)["world_size"] == 2
-    resumed = train(run, base, "train.steps=400", f"train.stop_at={saved.step + 2}")
+    resumed = train(run, base, "train.steps=400", f"train.stop_at={saved.step + 2}",
+                    "train.activation_checkpointing=true")
     assert f"at step {saved.step}" in resumed.stderr
     assert sorted(losses(run)) == list(range(1, saved.step + 3))
 

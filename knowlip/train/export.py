@@ -31,7 +31,7 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if meta["engine"] == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints every tensor it finds
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # it prints a lot
             weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine")
     else:
         from knowlip.train.engine import PLAIN_FILE

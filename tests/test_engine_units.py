@@ -1,0 +1,148 @@
+"""Fast checks of the engine's pieces: schedules, clipping in the plain engine, the DeepSpeed config, where a
+process sits in a job, and the checkpoint folder's bookkeeping. Expected values are computed by hand here."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import make_config
+from knowlip.config import ConfigError, accumulation_steps, config_hash, load_config
+from knowlip.launch.local import first_slurm_host, rank_env
+from knowlip.train import checkpoint as ckpt
+from knowlip.train.engine import PlainEngine, deepspeed_config
+from knowlip.train.schedule import alpha_at, lr_at
+
+
+def test_lr_warms_up_from_the_first_step_then_follows_a_cosine_to_zero():
+    values = [lr_at(s, 1e-3, 4, 14) for s in range(15)]
+    assert values[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # step 0 trains: never lr 0
+    assert values[4] == pytest.approx(1e-3)
+    assert values[9] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # 5 of 10 decay steps
+    assert values[14] == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(0, 1e-3, 0, 10) == pytest.approx(1e-3)
+
+
+def test_alpha_ramps_linearly_over_its_steps():
+    assert [alpha_at(s, 0.4, 4) for s in range(6)] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+    assert alpha_at(0, 0.4, 0) == 0.4
+
+
+class _Quadratic(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((10, 10), 3.0))
+
+
+def test_plain_engine_clips_the_gradient_adam_receives(tmp_path):
+    """After one AdamW step exp_avg = (1 - beta1) g: its norm shows the gradient after clipping."""
+    for clip, expected in ((0.5, 0.5), (0.0, 60.0)):  # d/dw sum(w^2) = 2w = 6 everywhere; norm 6 x 10
+        cfg = make_config(tmp_path, f"train.grad_clip={clip}", "train.weight_decay=0")
+        engine = PlainEngine(_Quadratic(), cfg, torch.device("cpu"), bf16=False)
+        engine.backward((engine.module.w ** 2).sum())
+        raw = engine.step()
+        exp_avg = engine.optimizer.state[engine.module.w]["exp_avg"]
+        assert raw == pytest.approx(60.0)
+        assert exp_avg.norm().item() / (1 - 0.9) == pytest.approx(expected, rel=1e-5)
+
+
+def test_deepspeed_config_sets_clipping_explicitly_and_derives_batch_sizes(tmp_path):
+    cfg = make_config(tmp_path, "data.batch_size=4", "train.global_batch_size=32",
+                      "deepspeed.zero_optimization.overlap_comm=true")
+    ds = deepspeed_config(cfg, world_size=2, accumulation=accumulation_steps(cfg, 2), bf16=False, universal=False)
+    assert ds["gradient_clipping"] == 0.0  # present and off: DeepSpeed's own default would be 1.0
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 4, 32)
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    clipped = make_config(tmp_path, "train.grad_clip=0.7")
+    assert deepspeed_config(clipped, 1, 1, False, False)["gradient_clipping"] == 0.7
+
+
+@pytest.mark.parametrize("override,match", [("deepspeed.gradient_clipping=1.0", "set by knowlip"),
+                                            ("deepspeed.train_batch_size=64", "set by knowlip"),
+                                            ("deepspeed.zero_optimization.stage=2", "stage 3")])
+def test_deepspeed_section_cannot_contradict_knowlip(tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match):
+        deepspeed_config(make_config(tmp_path, override), 1, 1, False, False)
+
+
+def test_global_batch_must_split_over_the_ranks(tmp_path):
+    cfg = make_config(tmp_path, "data.batch_size=4", "train.global_batch_size=24")
+    assert accumulation_steps(cfg, 1) == 6 and accumulation_steps(cfg, 3) == 2
+    with pytest.raises(ConfigError, match="cannot be split over 4 rank"):
+        accumulation_steps(cfg, 4)
+    with pytest.raises(ConfigError, match="not a multiple of data.batch_size"):
+        make_config(tmp_path, "data.batch_size=4", "train.global_batch_size=10")
+
+
+def test_config_hash_ignores_how_a_run_is_stopped_and_resumed(tmp_path):
+    a = make_config(tmp_path)
+    assert config_hash(a) == config_hash(make_config(tmp_path, "train.stop_at=3", "resume=none",
+                                                     "dist.nproc_per_node=4"))
+    assert config_hash(a) != config_hash(make_config(tmp_path, "train.lr=0.1"))
+
+
+def test_rank_environment_from_torchrun_slurm_or_nothing():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n1",
+                "MASTER_PORT": "1234"}
+    assert rank_env(torchrun) == rank_env(torchrun).__class__(3, 8, 1, 2, "n1", 1234)
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    env = rank_env(slurm)
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.master_addr) == (5, 8, 1, 4, "gpu07")
+    assert env.master_port == rank_env({**slurm, "SLURM_PROCID": "0"}).master_port  # all tasks agree
+    assert rank_env({}) is None
+    assert first_slurm_host("node1,node2") == "node1" and first_slurm_host("a[3,5-7]") == "a3"
+
+
+def _fake_checkpoint(root, step, complete=True):
+    partial = ckpt.begin_save(root, step)
+    (partial / "engine").mkdir()
+    (partial / "engine" / "x.pt").write_bytes(b"0" * 100)
+    return ckpt.commit_save(partial, {"step": step, "world_size": 2, "engine": "deepspeed"}, keep=2) if complete \
+        else partial
+
+
+def test_checkpoints_publish_atomically_keep_the_newest_and_skip_incomplete(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        _fake_checkpoint(root, step)
+    _fake_checkpoint(root, 8, complete=False)  # a save killed half way
+    names = {c.path.name: c.complete for c in ckpt.list_checkpoints(root)}
+    assert names == {"step_00000004": True, "step_00000006": True, "step_00000008.partial": False}
+    assert ckpt.latest_complete(root).name == "step_00000006"
+    assert (root / "latest").read_text().strip() == "step_00000006"
+    assert ckpt.resolve_checkpoint(tmp_path).name == "step_00000006"  # a run folder means its newest
+    with pytest.raises(ValueError, match="incomplete"):
+        ckpt.resolve_checkpoint(root / "step_00000008.partial")
+    cfg = load_config(None, [f"run_dir={tmp_path}", "resume=none"])
+    assert ckpt.resume_path(cfg) is None
+    assert ckpt.resume_path(load_config(None, [f"run_dir={tmp_path}"])).name == "step_00000006"
+    _fake_checkpoint(root, 8)  # the retried save replaces the partial folder
+    assert [c.path.name for c in ckpt.list_checkpoints(root)] == ["step_00000006", "step_00000008"]
+    assert json.loads((root / "step_00000008/meta.json").read_text())["bytes"] == 100
+
+
+def test_activation_checkpointing_recomputes_to_the_same_loss_and_gradients():
+    from knowlip.model.dims import preset
+    from knowlip.model.sar_knowlip import SarKnowLIP, SpecialTokens
+
+    def step(checkpointed: bool):
+        torch.manual_seed(0)
+        model = SarKnowLIP(preset("tiny", image_size=32, queue_size=8), 64, SpecialTokens(0, 2, 3, 4, 5, 6))
+        model.vision.activation_checkpointing = model.text.activation_checkpointing = checkpointed
+        calls = []
+        block = model.vision.blocks[0]
+        forward = block.forward
+        block.forward = lambda *a: (calls.append(1), forward(*a))[1]
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(7, 64, (4, 12), generator=g)
+        torch.manual_seed(2)
+        out = model(torch.rand(4, 1, 32, 32, generator=g), ids, torch.ones_like(ids), torch.rand(4, 12, generator=g) < 0.3)
+        out["loss"].backward()
+        return out["loss"].item(), model.vision.blocks[0].fc1.weight.grad.clone(), len(calls)
+
+    (loss_a, grad_a, calls_a), (loss_b, grad_b, calls_b) = step(False), step(True)
+    assert calls_b == 2 * calls_a  # recomputed in backward
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    torch.testing.assert_close(grad_a, grad_b, atol=1e-6, rtol=1e-5)
