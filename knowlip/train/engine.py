@@ -3,7 +3,7 @@
 
     forward(...) / backward(loss) / step() -> grad norm / skip_step() / set_lr(lr) / momentum_update()
     save(folder) / load(folder, universal) / momentum_state() / load_momentum_state(state)
-    all_reduce_max(values) / barrier() / broadcast_object(obj)
+    all_reduce_max(values)
 
 The traps of ZeRO-3 this module handles (../shared/notes/zero3-patterns.md):
 - DeepSpeed clips gradients at 1.0 unless told otherwise: `gradient_clipping` is always set, from train.grad_clip.
@@ -114,8 +114,22 @@ def init_process_group(renv: RankEnv, device: torch.device, backend: str, timeou
                                verbose=False)
 
 
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class _DistMixin:
-    """Collectives the trainer needs, same on both engines (no-ops in one process)."""
+    """Where this engine sits, and the one collective the step needs (no-ops in one process)."""
 
     device: torch.device
 
@@ -132,17 +146,6 @@ class _DistMixin:
         if self.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def broadcast_object(self, obj: Any) -> Any:
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
 
 class PlainEngine(_DistMixin):

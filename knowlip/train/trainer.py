@@ -30,7 +30,8 @@ from knowlip.model.flops import training_flops_per_sample
 from knowlip.ops.sar_norm import params_from_config, sar_normalize
 from knowlip.text.tokenizer import CaptionTokenizer, load_tokenizer, train_wordpiece
 from knowlip.train import checkpoint as ckpt
-from knowlip.train.engine import build_engine, check_deepspeed_section, init_process_group
+from knowlip.train.engine import (barrier, broadcast_object, build_engine, check_deepspeed_section,
+                                  init_process_group)
 from knowlip.train.export import export_checkpoint
 from knowlip.train.schedule import alpha_at, lr_at
 
@@ -195,25 +196,10 @@ class Trainer:
                     plan = (path, universal)
             except (ValueError, FileNotFoundError, RuntimeError) as exc:
                 error = exc
-        plan, error = self._broadcast((plan, error))
+        plan, error = broadcast_object((plan, error))
         if error is not None:
             raise error
         return plan
-
-    def _broadcast(self, obj):
-        if self.world_size == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def _barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
 
     def _tokenizer(self):
         if self.cfg.model.tokenizer:
@@ -221,7 +207,7 @@ class Trainer:
         out = self.run_dir / "tokenizer"
         if self.rank == 0 and not (out / "tokenizer.json").is_file():
             train_wordpiece(shard_captions(self.index), out, self.cfg.train.tokenizer_vocab)
-        self._barrier()
+        barrier()
         return load_tokenizer(out)
 
     def normalise(self, batch: dict) -> torch.Tensor:
@@ -329,7 +315,7 @@ class Trainer:
                                   f"state is checkpointed in {saved}. Lower train.lr or check the data.")
         if self.step >= cfg.train.steps and self.rank == 0:
             export_checkpoint(saved or ckpt.resolve_checkpoint(self.run_dir), self.run_dir)
-        self._barrier()
+        barrier()
         return {"steps": self.step, "history": history, "stopped": stopped, "checkpoint": saved,
                 "flops_per_sample": meter.flops_per_sample, "metrics": str(self.run_dir / "metrics.jsonl")}
 
@@ -362,7 +348,7 @@ class Trainer:
         partial = root / (ckpt.checkpoint_name(self.step) + ckpt.PARTIAL)
         if self.rank == 0:
             ckpt.begin_save(root, self.step)
-        self._barrier()
+        barrier()
         self.engine.save(partial)
         torch.save(rng_state(), ckpt.rng_file(partial, self.rank))
         if _fault("kill_in_save") == self.step and self.rank == self.world_size - 1:
@@ -376,14 +362,14 @@ class Trainer:
             torch.save(self.client_state(), partial / "state.pt")
             self.tokenizer.save_pretrained(partial / "tokenizer")
             (partial / "config.yaml").write_text(to_yaml(self.cfg))
-        self._barrier()
+        barrier()
         final = root / ckpt.checkpoint_name(self.step)
         if self.rank == 0:
             meta = {"step": self.step, "world_size": self.world_size, "engine": self.cfg.train.engine,
                     "config_hash": config_hash(self.cfg), "global_batch": self.global_batch}
             final = ckpt.commit_save(partial, meta, self.cfg.ckpt.keep)
             log.info("saved checkpoint %s", final)
-        self._barrier()
+        barrier()
         return final
 
     def load_checkpoint(self, path: Path, universal: bool = False) -> None:
