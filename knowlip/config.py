@@ -140,6 +140,8 @@ class ModelConfig:
     pretrained_text: Optional[str] = None  # local HF BERT-family folder
     pretrained_vision: Optional[str] = None  # local safetensors file
     queue_size: Optional[int] = None  # None: the preset's (57,600 for base, as in the paper)
+    text_dropout: Optional[float] = None  # None: the preset's (0.1, BERT's and BLIP's); hidden + attention probs
+    drop_path: Optional[float] = None  # ViT stochastic depth; None: the preset's (0 for tiny/base, 0.1 for large)
     losses: LossConfig = field(default_factory=LossConfig)
 
 
@@ -148,9 +150,11 @@ class TrainConfig:
     steps: int = 40
     lr: float = 3e-4
     weight_decay: float = 0.05
-    warmup_steps: int = 5
+    warmup_steps: float = 5  # steps, or below 1 a fraction of train.steps (0.02: the first 2% of the run)
     grad_clip: float = 0.0  # max global grad norm; 0 = off (set explicitly: DeepSpeed silently defaults to 1.0)
-    alpha_ramp_steps: int = 20  # distillation weight ramps from 0 to model.losses.alpha (paper: first epoch)
+    # Distillation weight ramps from 0 to model.losses.alpha over these steps (or, below 1, this fraction of the
+    # run; BLIP: the first epoch).
+    alpha_ramp_steps: float = 20
     log_every: int = 5
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
@@ -322,7 +326,8 @@ RANGES: dict[str, tuple] = {
     "model.losses.label_smoothing": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "train.steps": (lambda v: v >= 1, "at least 1"),
     "train.lr": (lambda v: v > 0, "positive"),
-    "train.warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "train.warmup_steps": (lambda v: v >= 0 and (v < 1 or v == int(v)), "a whole number of steps or a fraction < 1"),
+    "train.alpha_ramp_steps": (lambda v: v >= 0 and (v < 1 or v == int(v)), "a whole number of steps or a fraction < 1"),
     "train.log_every": (lambda v: v >= 1, "at least 1"),
     "train.grad_clip": (lambda v: v >= 0, "0 (off) or positive"),
     "train.max_nonfinite_in_a_row": (lambda v: v >= 1, "at least 1"),
@@ -350,6 +355,10 @@ def _check_ranges(cfg: DictConfig) -> None:
     if gbs is not None and gbs % cfg.data.batch_size:
         raise ConfigError(f"bad value for 'train.global_batch_size': {gbs} is not a multiple of data.batch_size="
                           f"{cfg.data.batch_size}")
+    for key in ("model.text_dropout", "model.drop_path"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"bad value for '{key}': {value} must be in [0, 1) (or null for the preset)")
     queue = cfg.model.queue_size
     if queue is not None and queue < 1:
         raise ConfigError(f"bad value for 'model.queue_size': {queue} must be at least 1 (or null for the preset)")
@@ -366,6 +375,11 @@ def accumulation_steps(cfg: DictConfig, world_size: int) -> int:
         raise ConfigError(f"train.global_batch_size={gbs} cannot be split over {world_size} rank(s) x "
                           f"data.batch_size={cfg.data.batch_size}: it must be a multiple of {per_pass}")
     return gbs // per_pass
+
+
+def schedule_steps(value: float, total_steps: int) -> int:
+    """train.warmup_steps / train.alpha_ramp_steps: a step count, or below 1 a fraction of the run."""
+    return round(value * total_steps) if 0 < value < 1 else int(value)
 
 
 def config_hash(cfg: DictConfig) -> str:

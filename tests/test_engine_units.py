@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_config
+from conftest import REPO, make_config
 from knowlip.config import ConfigError, accumulation_steps, config_hash, load_config
 from knowlip.launch.local import first_slurm_host, rank_env
 from knowlip.train import checkpoint as ckpt
@@ -146,3 +146,20 @@ def test_activation_checkpointing_recomputes_to_the_same_loss_and_gradients():
     assert calls_b == 2 * calls_a  # recomputed in backward
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     torch.testing.assert_close(grad_a, grad_b, atol=1e-6, rtol=1e-5)
+
+
+def test_schedule_lengths_are_steps_or_fractions_of_the_run(tmp_path):
+    from knowlip.config import schedule_steps
+
+    assert schedule_steps(0.02, 100_000) == 2000 and schedule_steps(5, 100_000) == 5 and schedule_steps(0, 10) == 0
+    cfg = make_config(tmp_path, "train.steps=200", "train.warmup_steps=0.05", "train.alpha_ramp_steps=0.5")
+    from knowlip.train.trainer import Trainer
+
+    lr, alpha = Trainer.lr_at, Trainer.alpha_at
+    fake = type("T", (), {"cfg": cfg})()
+    assert lr(fake, 0) == pytest.approx(cfg.train.lr / 10) and lr(fake, 9) == pytest.approx(cfg.train.lr)
+    assert alpha(fake, 49) == pytest.approx(cfg.model.losses.alpha / 2)
+    base = load_config(REPO / "configs/model/base.yaml", ["train.steps=300000"])
+    assert schedule_steps(base.train.warmup_steps, 300_000) == 6000
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        make_config(tmp_path, "train.warmup_steps=2.5")

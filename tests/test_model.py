@@ -21,9 +21,10 @@ SPECIAL = SpecialTokens(pad=0, cls=2, sep=3, mask=4, enc=5, dec=6)
 V = 300
 
 
-def tiny(backend="sdpa", queue=64, **kw):
+def tiny(backend="sdpa", queue=64, text_dropout=None, drop_path=None, **kw):
     torch.manual_seed(0)
-    return SarKnowLIP(preset("tiny", queue_size=queue), V, SPECIAL, attention_backend=backend, **kw)
+    dims = preset("tiny", queue_size=queue, text_dropout=text_dropout, drop_path=drop_path)
+    return SarKnowLIP(dims, V, SPECIAL, attention_backend=backend, **kw)
 
 
 def batch(b=4, length=24, seed=0):
@@ -103,7 +104,7 @@ def test_cross_attention_and_backend_selection():
 
 def test_model_outputs_agree_across_backends():
     images, ids, att, _ = batch()
-    a, b = tiny("sdpa"), tiny("reference")
+    a, b = tiny("sdpa").eval(), tiny("reference").eval()  # dropout off: the backends must agree
     torch.testing.assert_close(a.encode_text(ids, att), b.encode_text(ids, att), atol=1e-5, rtol=1e-4)
     ea, eb = a.encode_image(images)[0], b.encode_image(images)[0]
     torch.testing.assert_close(a.decoder_logits(ea, ids, att), b.decoder_logits(eb, ids, att), atol=1e-4, rtol=1e-4)
@@ -125,22 +126,47 @@ def test_itc_without_queue_is_symmetric_cross_entropy():
     assert loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-5)
 
 
-def test_itc_with_queue_and_distillation_by_hand():
-    torch.manual_seed(3)
-    img, txt, img_m, txt_m = (F.normalize(torch.randn(2, 4), dim=1) for _ in range(4))
-    qi, qt = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
-    temp, alpha = torch.tensor([0.2]), 0.4
-    loss, _ = itc_loss(img, txt, temp, img_m, txt_m, qi, qt, alpha)
-    one_hot = torch.eye(2, 5)
+def blip_itc_float64(img, txt, img_m, txt_m, qi, qt, temp, alpha):
+    """BLIP's ITC (blip_pretrain.py) in float64 numpy: online rows against [batch momentum features; queue],
+    targets from the momentum rows against the same columns. Returns (loss, per-row losses)."""
+    img, txt, img_m, txt_m, qi, qt = (np.asarray(x, dtype=np.float64) for x in (img, txt, img_m, txt_m, qi, qt))
+    cols_t, cols_i = np.concatenate([txt_m, qt]), np.concatenate([img_m, qi])
+    eye = np.eye(len(img), len(cols_t))
 
-    def direction(a, cols, a_m, cols_m):
-        logits = a @ cols.t() / 0.2
-        targets = alpha * torch.softmax(a_m @ cols_m.t() / 0.2, 1) + (1 - alpha) * one_hot
-        return -(torch.log_softmax(logits, 1) * targets).sum(1).mean()
+    def softmax(x):
+        e = np.exp(x - x.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
 
-    expected = (direction(img, torch.cat([txt, qt]), img_m, torch.cat([txt_m, qt]))
-                + direction(txt, torch.cat([img, qi]), txt_m, torch.cat([img_m, qi]))) / 2
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    def direction(rows, rows_m, cols):
+        targets = alpha * softmax(rows_m @ cols.T / temp) + (1 - alpha) * eye
+        return -(np.log(softmax(rows @ cols.T / temp)) * targets).sum(1)
+
+    per_row = (direction(img, img_m, cols_t) + direction(txt, txt_m, cols_i)) / 2
+    return per_row.mean(), per_row
+
+
+def _itc_inputs(b=4, q=3, e=8, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [F.normalize(torch.randn(n, e, generator=g), dim=1) for n in (b, b, b, b, q, q)]
+
+
+def test_itc_follows_blips_formula_with_momentum_columns_queue_and_distillation():
+    img, txt, img_m, txt_m, qi, qt = _itc_inputs()
+    loss, extras = itc_loss(img, txt, torch.tensor([0.2]), img_m, txt_m, qi, qt, alpha=0.4)
+    expected, _ = blip_itc_float64(img, txt, img_m, txt_m, qi, qt, 0.2, 0.4)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert extras["sim_i2t"].shape == (4, 4)  # the batch part only, for hard negatives
+    torch.testing.assert_close(extras["sim_i2t"], img @ txt_m.t() / 0.2)
+
+
+def test_itc_logits_stay_float32_under_bf16_autocast():
+    img, txt, img_m, txt_m, qi, qt = _itc_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, extras = itc_loss(img.bfloat16(), txt.bfloat16(), torch.tensor([0.2]).bfloat16(), img_m, txt_m, qi, qt, 0.4)
+    assert extras["sim_i2t"].dtype == torch.float32 and loss.dtype == torch.float32
+    expected, _ = blip_itc_float64(img.bfloat16().float(), txt.bfloat16().float(), img_m, txt_m, qi, qt,
+                                   float(torch.tensor(0.2).bfloat16()), 0.4)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_reconstruction_loss_is_shifted_and_masked_by_hand():
@@ -197,6 +223,52 @@ def test_hard_negative_sampler_never_picks_positive_and_follows_softmax():
         sample_hard_negatives(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long))
 
 
+def test_hard_negatives_skip_equal_captions_and_fall_back_to_any_other_index():
+    torch.manual_seed(0)
+    sim = torch.tensor([[0.0, 9.0, 1.0, 1.0]]).repeat(20000, 1)  # col 1 would dominate, but its caption is equal
+    exclude = torch.tensor([[True, True, False, False]]).repeat(20000, 1)
+    picks = sample_hard_negatives(sim, torch.zeros(20000, dtype=torch.long), exclude)
+    assert set(picks.tolist()) == {2, 3}
+    all_equal = torch.ones(6000, 4, dtype=torch.bool)
+    picks = sample_hard_negatives(sim[:6000], torch.zeros(6000, dtype=torch.long), all_equal)
+    freq = torch.bincount(picks, minlength=4).float() / 6000
+    torch.testing.assert_close(freq, torch.tensor([0.0, 1 / 3, 1 / 3, 1 / 3]), atol=0.03, rtol=0)
+
+
+def test_itm_pairs_and_labels_never_use_an_equal_caption_as_a_negative(monkeypatch):
+    """Captions 0 and 1 are equal, so are 2 and 3 (templated captions repeat): every negative text of image i
+    and every negative image of text i must carry another caption, and labels are [1]*B + [0]*2B."""
+    import knowlip.model.sar_knowlip as sk
+
+    m = tiny()
+    images, ids, att, kw = batch(b=4)
+    ids[1], att[1] = ids[0], att[0]
+    ids[3], att[3] = ids[2], att[2]
+    seen = {}
+    real_sampler, real_logits = sk.sample_hard_negatives, m.itm_logits
+    monkeypatch.setattr(sk, "sample_hard_negatives", lambda *a: seen.setdefault("neg", real_sampler(*a)))
+
+    def logits(pair_images, pair_ids, pair_att):
+        seen.update(images=pair_images.detach(), ids=pair_ids, logits=real_logits(pair_images, pair_ids, pair_att))
+        return seen["logits"]
+
+    monkeypatch.setattr(m, "itm_logits", logits)
+    embeds = m.vision(images).detach()
+    out = m(images, ids, att, kw)
+    b, neg = 4, seen["neg"]
+    neg_text, neg_image = neg[:b], neg[b:]
+    assert torch.equal(seen["ids"][:b], ids) and torch.equal(seen["ids"][2 * b:], ids)
+    assert torch.equal(seen["ids"][b:2 * b], ids[neg_text])
+    torch.testing.assert_close(seen["images"][:b], embeds)
+    torch.testing.assert_close(seen["images"][b:2 * b], embeds)
+    torch.testing.assert_close(seen["images"][2 * b:], embeds[neg_image])
+    caption = [0, 0, 1, 1]
+    for i in range(b):
+        assert caption[int(neg_text[i])] != caption[i] and caption[int(neg_image[i])] != caption[i]
+    labels = torch.tensor([1] * b + [0] * 2 * b)
+    assert out["loss_itm"].item() == pytest.approx(F.cross_entropy(seen["logits"], labels).item(), rel=1e-6)
+
+
 # -- gradients, ZeRO-3 safety, momentum ------------------------------------------------------------------------
 
 
@@ -239,7 +311,7 @@ def test_every_module_runs_the_same_number_of_times_whatever_the_data():
 
 
 def test_momentum_update_and_queue():
-    m = tiny(queue=8)
+    m = tiny(queue=8, text_dropout=0.0)  # the queued features are recomputed below: no dropout draws
     with torch.no_grad():
         m.vision.patch_embed.weight.add_(1.0)
     before = m.vision_m.patch_embed.weight.clone()
@@ -258,11 +330,30 @@ def test_momentum_update_and_queue():
     assert m.queue_ptr.item() == (4 * 3) % 8
 
 
-def test_temperature_is_clamped():
-    m = tiny()
-    with torch.no_grad():
-        m.temp.fill_(5.0)
-    assert m(*batch())["temp"].item() == pytest.approx(0.5)
+def test_dropout_as_blip_configurable_and_off_in_eval():
+    images, ids, att, _ = batch()
+    m = tiny(drop_path=0.2)
+    assert m.text.layers[0].ffn.dropout.p == 0.1 and m.text.layers[0].self_attn.attn_dropout == 0.1
+    assert [round(b.drop_path_rate, 3) for b in m.vision.blocks] == [0.0, 0.2]  # rising with depth
+    assert not torch.equal(m.encode_text(ids, att), m.encode_text(ids, att))  # train: dropout draws
+    assert not torch.equal(m.vision(images), m.vision(images))  # train: the last block's branches dropped
+    m.eval()
+    assert torch.equal(m.encode_text(ids, att), m.encode_text(ids, att))
+    assert torch.equal(m.vision(images), m.vision(images))
+    off = tiny(text_dropout=0.0)
+    assert torch.equal(off.encode_text(ids, att), off.encode_text(ids, att))  # configurable: 0 = none
+    assert preset("large").vision.drop_path == 0.1 and preset("base").vision.drop_path == 0.0
+
+
+def test_temperature_pushed_past_a_bound_comes_back_and_still_learns():
+    for outside, bound in ((5.0, 0.5), (1e-5, 0.001)):
+        m = tiny()
+        with torch.no_grad():
+            m.temp.fill_(outside)
+        out = m(*batch())
+        assert m.temp.item() == pytest.approx(bound) and out["temp"].item() == pytest.approx(bound)
+        out["loss"].backward()
+        assert m.temp.grad is not None and m.temp.grad.abs().item() > 0
 
 
 # -- distributed ITC over 2 gloo ranks -------------------------------------------------------------------------
@@ -310,6 +401,49 @@ def test_distributed_itc_over_two_gloo_ranks_equals_one_rank_over_the_global_bat
     torch.testing.assert_close(grad_txt, txt.grad, atol=1e-6, rtol=1e-5)
 
 
+def _blip_itc_rank(rank, world, init_file, inputs, result_queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    img_all, txt_all, img_m_all, txt_m_all, qi, qt = inputs
+    b = img_all.shape[0] // world
+    mine = slice(rank * b, (rank + 1) * b)
+    img, txt = img_all[mine].clone().requires_grad_(), txt_all[mine].clone().requires_grad_()
+    temp = torch.tensor([0.1], requires_grad=True)
+    loss, _ = itc_loss(img, txt, temp, img_m_all[mine], txt_m_all[mine], qi, qt, alpha=0.4)
+    loss.backward()
+    result_queue.put((rank, loss.item(), img.grad.numpy().copy(), temp.grad.item()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_blip_itc_over_two_gloo_ranks_matches_the_float64_formula_over_the_global_batch(tmp_path):
+    """Each rank's rows score against the momentum features of BOTH ranks' batches, then the queue."""
+    import torch.multiprocessing as mp
+
+    inputs = _itc_inputs(b=6, q=5, seed=11)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_blip_itc_rank, args=(r, 2, str(tmp_path / "init"), inputs, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = {r: rest for r, *rest in (results.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    _, per_row = blip_itc_float64(*inputs, 0.1, 0.4)
+    assert got[0][0] == pytest.approx(per_row[:3].mean(), rel=1e-6)
+    assert got[1][0] == pytest.approx(per_row[3:].mean(), rel=1e-6)
+    # gradients: the same formula through float64 autograd, rank 0's rows
+    img, txt, img_m, txt_m, qi, qt = (x.double() for x in inputs)
+    img.requires_grad_()
+    cols_t = torch.cat([txt_m, qt])
+    targets = 0.4 * torch.softmax(img_m[:3] @ cols_t.t() / 0.1, 1) + 0.6 * torch.eye(3, cols_t.shape[0])
+    (-(torch.log_softmax(img[:3] @ cols_t.t() / 0.1, 1) * targets).sum(1).mean() / 2).backward()
+    torch.testing.assert_close(torch.from_numpy(got[0][1]).double(), img.grad[:3], atol=1e-6, rtol=1e-5)
+    assert got[0][2] != 0.0 and got[1][2] != 0.0  # the temperature learns
+
+
 # -- pretrained weights ------------------------------------------------------------------------------------------
 
 
@@ -348,6 +482,34 @@ def test_pretrained_minilm_maps_with_no_missing_encoder_keys():
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
     # and the momentum copy starts equal to the loaded weights
     torch.testing.assert_close(model.text_m.layers[0].self_attn.query.weight, model.text.layers[0].self_attn.query.weight)
+
+
+@pytest.mark.parametrize("with_head", [True, False])
+def test_pretrained_bert_loads_its_masked_lm_head_when_it_has_one(tmp_path, with_head):
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    from knowlip.model.pretrained import load_hf_text
+
+    config = BertConfig(vocab_size=V - 2, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=256)
+    torch.manual_seed(5)
+    hf = (BertForMaskedLM if with_head else BertModel)(config)
+    if with_head:
+        with torch.no_grad():
+            hf.cls.predictions.bias.normal_()
+    hf.save_pretrained(tmp_path)
+    m = tiny()
+    report = load_hf_text(m, tmp_path)
+    head = {"lm_transform.weight", "lm_transform.bias", "lm_norm.weight", "lm_norm.bias", "lm_bias"}
+    if with_head:
+        assert head <= set(report.loaded)
+        theirs = hf.state_dict()
+        torch.testing.assert_close(m.text.lm_transform.weight, theirs["cls.predictions.transform.dense.weight"])
+        torch.testing.assert_close(m.text.lm_norm.bias, theirs["cls.predictions.transform.LayerNorm.bias"])
+        torch.testing.assert_close(m.text.lm_bias[: V - 2], theirs["cls.predictions.bias"])
+        assert "lm_bias: 298 -> 300 rows" in report.adapted
+    else:
+        assert head <= set(report.missing)
 
 
 def test_vit_safetensors_in_timm_names_with_channel_and_grid_adaptation(tmp_path):

@@ -22,7 +22,7 @@ def test_tiny_model_loss_falls_over_a_few_dozen_cpu_steps(synth_shards, tmp_path
     losses = np.array([h["loss"] for h in result["history"]])
     recon = np.array([h["loss_recon"] for h in result["history"]])
     assert result["steps"] == 36 and np.isfinite(losses).all()
-    assert losses[-6:].mean() < losses[:6].mean() - 0.8
+    assert losses[-6:].mean() < losses[:6].mean() - 0.6  # with BLIP's text dropout and momentum ITC columns
     assert recon[-6:].mean() < recon[:6].mean() - 0.5
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [6, 12, 18, 24, 30, 36]

@@ -61,15 +61,17 @@ class AttentionStats:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-              causal: bool = False, backend: str = "auto", stats: AttentionStats | None = None) -> torch.Tensor:
+              causal: bool = False, backend: str = "auto", stats: AttentionStats | None = None,
+              dropout_p: float = 0.0) -> torch.Tensor:
+    """dropout_p: on the attention probabilities (pass 0 in eval)."""
     chosen = resolve_backend(backend, q)
     if stats is not None:
         stats.record(chosen)
     if chosen == "reference":
-        return reference_attention(q, k, v, key_padding_mask, causal)
+        return reference_attention(q, k, v, key_padding_mask, causal, dropout_p)
     if chosen == "flash_attn":
-        return _flash(q, k, v, key_padding_mask, causal)
-    return _sdpa(q, k, v, key_padding_mask, causal)
+        return _flash(q, k, v, key_padding_mask, causal, dropout_p)
+    return _sdpa(q, k, v, key_padding_mask, causal, dropout_p)
 
 
 def _causal_keep(lq: int, lk: int, device) -> torch.Tensor:
@@ -77,12 +79,13 @@ def _causal_keep(lq: int, lk: int, device) -> torch.Tensor:
     return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
 
 
-def reference_attention(q, k, v, key_padding_mask=None, causal=False) -> torch.Tensor:
+def reference_attention(q, k, v, key_padding_mask=None, causal=False, dropout_p: float = 0.0) -> torch.Tensor:
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     keep = _keep_mask(q, k, key_padding_mask, causal)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
-    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+    probs = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p else scores.softmax(dim=-1)
+    return (probs @ v.float()).to(q.dtype)
 
 
 def _keep_mask(q, k, key_padding_mask, causal) -> torch.Tensor | None:
@@ -95,17 +98,18 @@ def _keep_mask(q, k, key_padding_mask, causal) -> torch.Tensor | None:
     return keep
 
 
-def _sdpa(q, k, v, key_padding_mask, causal) -> torch.Tensor:
-    if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[-2] == k.shape[-2])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_keep_mask(q, k, key_padding_mask, causal))
+def _sdpa(q, k, v, key_padding_mask, causal, dropout_p: float = 0.0) -> torch.Tensor:
+    if key_padding_mask is None and (not causal or q.shape[-2] == k.shape[-2]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_keep_mask(q, k, key_padding_mask, causal),
+                                          dropout_p=dropout_p)
 
 
-def _flash(q, k, v, key_padding_mask, causal) -> torch.Tensor:
+def _flash(q, k, v, key_padding_mask, causal, dropout_p: float = 0.0) -> torch.Tensor:
     fa = _flash_attn()
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants (B, L, H, D)
     if key_padding_mask is None:
-        return fa.flash_attn_func(qt, kt, vt, causal=causal).transpose(1, 2)
+        return fa.flash_attn_func(qt, kt, vt, dropout_p=dropout_p, causal=causal).transpose(1, 2)
     if q.shape[-2] != k.shape[-2]:
         raise ValueError("flash_attn varlen path supports padded self-attention only")
     b, lq, h, d = qt.shape
@@ -115,7 +119,7 @@ def _flash(q, k, v, key_padding_mask, causal) -> torch.Tensor:
     idx = mask.flatten().nonzero(as_tuple=False).flatten()
     unpad = lambda t: t.reshape(b * lq, h, d).index_select(0, idx)
     out = fa.flash_attn_varlen_func(unpad(qt), unpad(kt), unpad(vt), cu, cu, int(lengths.max()), int(lengths.max()),
-                                    causal=causal)
+                                    dropout_p=dropout_p, causal=causal)
     full = torch.zeros(b * lq, h, d, dtype=out.dtype, device=out.device).index_copy(0, idx, out)
     return full.view(b, lq, h, d).transpose(1, 2)
 

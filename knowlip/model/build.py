@@ -14,7 +14,8 @@ def loss_config(section) -> LossConfig:
 
 
 def build_model(model_cfg, tokenizer) -> SarKnowLIP:
-    dims = preset(model_cfg.size, model_cfg.image_size, model_cfg.queue_size)
+    dims = preset(model_cfg.size, model_cfg.image_size, model_cfg.queue_size, model_cfg.text_dropout,
+                  model_cfg.drop_path)
     model = SarKnowLIP(dims, len(tokenizer), SpecialTokens.from_tokenizer(tokenizer), model_cfg.in_channels,
                        model_cfg.attention, loss_config(model_cfg.losses))
     if model_cfg.pretrained_text:

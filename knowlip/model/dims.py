@@ -14,6 +14,7 @@ class VisionDims:
     heads: int = 12
     mlp_ratio: float = 4.0
     image_size: int = 224  # what the position embeddings are built for; other sizes are interpolated
+    drop_path: float = 0.0  # stochastic depth, rising linearly to this rate over the blocks (BLIP: 0.1 for large)
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class TextDims:
     heads: int = 12
     intermediate: int = 3072
     max_positions: int = 512
+    dropout: float = 0.1  # BERT's hidden and attention-probability dropout (BLIP keeps it in pretraining)
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,12 @@ PRESETS: dict[str, ModelDims] = {
                       TextDims(dim=64, layers=2, heads=2, intermediate=128, max_positions=256),
                       embed_dim=32, queue_size=256),
     "base": ModelDims(VisionDims(), TextDims()),
-    "large": ModelDims(VisionDims(dim=1024, depth=24, heads=16), TextDims()),
+    "large": ModelDims(VisionDims(dim=1024, depth=24, heads=16, drop_path=0.1), TextDims()),
 }
 
 
-def preset(name: str, image_size: int | None = None, queue_size: int | None = None) -> ModelDims:
+def preset(name: str, image_size: int | None = None, queue_size: int | None = None, text_dropout: float | None = None,
+           drop_path: float | None = None) -> ModelDims:
     if name not in PRESETS:
         raise ValueError(f"unknown model size {name!r}; expected one of {', '.join(PRESETS)}")
     dims = PRESETS[name]
@@ -50,4 +53,8 @@ def preset(name: str, image_size: int | None = None, queue_size: int | None = No
         dims = replace(dims, vision=replace(dims.vision, image_size=image_size))
     if queue_size is not None:
         dims = replace(dims, queue_size=queue_size)
+    if text_dropout is not None:
+        dims = replace(dims, text=replace(dims.text, dropout=text_dropout))
+    if drop_path is not None:
+        dims = replace(dims, vision=replace(dims.vision, drop_path=drop_path))
     return dims

@@ -52,10 +52,12 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 @torch.no_grad()
-def gather_no_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+def gather_no_grad(x: torch.Tensor, group=None, check_sizes: bool = False) -> torch.Tensor:
     _, size = world(group)
     if size == 1:
         return x
+    if check_sizes:
+        _check_equal_sizes(x, group)
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=0)

@@ -1,8 +1,9 @@
 """The three SAR-KnowLIP losses (method.md), each a function of features and token tensors.
 
-Distributed choices are explicit: ITC is the local-loss formulation (each rank's rows against the gathered
-global batch, gradients through the gather), so logit memory grows linearly with the global batch; ITM
-samples its hard negatives over the global batch in one vectorised call.
+Distributed choices are explicit: ITC follows BLIP (each rank's online rows against the momentum features of
+the global batch, gathered without grad, then the queue), so no gradient crosses ranks and logit memory grows
+linearly with the global batch plus the queue; ITM samples its hard negatives over the global batch in one
+vectorised call, never a caption whose text equals the positive's.
 """
 
 from __future__ import annotations
@@ -13,58 +14,73 @@ import torch.nn.functional as F
 from knowlip.model.distributed import gather_no_grad, gather_with_grad, world
 
 
+def float32_region(x: torch.Tensor):
+    """Autocast off: similarity logits and their softmax stay in float32 under bf16 training."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor,
              image_feat_m: torch.Tensor | None = None, text_feat_m: torch.Tensor | None = None,
              image_queue: torch.Tensor | None = None, text_queue: torch.Tensor | None = None, alpha: float = 0.0,
              group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Image-text contrastive loss with momentum distillation against a feature queue.
+    """Image-text contrastive loss as BLIP computes it, in float32.
 
-    image_feat/text_feat: (B, E) L2-normalised online features of this rank (with grad).
-    *_feat_m: the momentum features (no grad); *_queue: (Q, E) momentum features of past batches.
-    Columns are [global in-batch; queue]; row i of rank r matches global column r*B + i.
-    Returns (loss, extras) where extras holds the global in-batch similarities for hard-negative mining.
+    Rows: this rank's online features image_feat/text_feat (B, E), L2-normalised, with grad.
+    Columns: the MOMENTUM features *_feat_m of the global batch (gathered from every rank, no grad), then the
+    queue (Q, E) of momentum features of past batches. The distillation targets are softmax(momentum row x the
+    same columns / temp), mixed with the one-hot positive by `alpha`. Row i of rank r matches column r*B + i.
+    Without momentum features (evaluation, ablations) the columns are the online features gathered with grad.
+    Returns (loss, extras) where extras holds the rows' similarities to the global batch (hard negatives).
     """
     rank, _ = world(group)
     b = image_feat.shape[0]
-    image_all = gather_with_grad(image_feat, group, check_sizes=True)
-    text_all = gather_with_grad(text_feat, group)
-    labels = torch.arange(b, device=image_feat.device) + rank * b
-    text_cols, image_cols = text_all, image_all
-    if text_queue is not None:
-        text_cols = torch.cat([text_all, text_queue.detach()], dim=0)
-        image_cols = torch.cat([image_all, image_queue.detach()], dim=0)
-    sim_i2t = image_feat @ text_cols.t() / temp
-    sim_t2i = text_feat @ image_cols.t() / temp
-    one_hot = F.one_hot(labels, sim_i2t.shape[1]).to(sim_i2t.dtype)
-    targets_i2t = targets_t2i = one_hot
-    if alpha > 0 and image_feat_m is not None:
-        with torch.no_grad():
-            image_m_cols = gather_no_grad(image_feat_m, group)
-            text_m_cols = gather_no_grad(text_feat_m, group)
-            if text_queue is not None:
-                text_m_cols = torch.cat([text_m_cols, text_queue], dim=0)
-                image_m_cols = torch.cat([image_m_cols, image_queue], dim=0)
-            targets_i2t = alpha * (image_feat_m @ text_m_cols.t() / temp).softmax(1) + (1 - alpha) * one_hot
-            targets_t2i = alpha * (text_feat_m @ image_m_cols.t() / temp).softmax(1) + (1 - alpha) * one_hot
-    loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets_i2t).sum(1).mean()
-    loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * targets_t2i).sum(1).mean()
-    global_b = image_all.shape[0]
+    with float32_region(image_feat):
+        image_feat, text_feat, temp = image_feat.float(), text_feat.float(), temp.float()
+        if image_feat_m is None:
+            image_cols = gather_with_grad(image_feat, group, check_sizes=True)
+            text_cols = gather_with_grad(text_feat, group)
+        else:
+            image_feat_m, text_feat_m = image_feat_m.detach().float(), text_feat_m.detach().float()
+            image_cols = gather_no_grad(image_feat_m, group, check_sizes=True)
+            text_cols = gather_no_grad(text_feat_m, group)
+        global_b = image_cols.shape[0]
+        if text_queue is not None:
+            text_cols = torch.cat([text_cols, text_queue.detach().float()], dim=0)
+            image_cols = torch.cat([image_cols, image_queue.detach().float()], dim=0)
+        labels = torch.arange(b, device=image_feat.device) + rank * b
+        sim_i2t = image_feat @ text_cols.t() / temp
+        sim_t2i = text_feat @ image_cols.t() / temp
+        targets_i2t = targets_t2i = F.one_hot(labels, sim_i2t.shape[1]).float()
+        if alpha > 0 and image_feat_m is not None:
+            with torch.no_grad():
+                one_hot = targets_i2t
+                targets_i2t = alpha * (image_feat_m @ text_cols.t() / temp).softmax(1) + (1 - alpha) * one_hot
+                targets_t2i = alpha * (text_feat_m @ image_cols.t() / temp).softmax(1) + (1 - alpha) * one_hot
+        loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets_i2t).sum(1).mean()
+        loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * targets_t2i).sum(1).mean()
     extras = {"sim_i2t": sim_i2t[:, :global_b].detach(), "sim_t2i": sim_t2i[:, :global_b].detach(),
               "labels": labels}
     return (loss_i2t + loss_t2i) / 2, extras
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """For each row, one column index drawn with probability softmax(sim) over the non-positive columns.
+def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, exclude: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each row, one column index drawn with probability softmax(sim) over the allowed negatives.
 
-    sim: (B, G) similarities of local rows to the global batch; positives: (B,) the positive column per row.
-    One torch.multinomial call for the whole batch; the positive has weight 0 and is never drawn, and at
-    least one negative has weight 1 before normalisation, so none underflows to an all-zero row.
+    sim: (B, G) similarities of local rows to the global batch; positives: (B,) the positive column per row;
+    exclude: (B, G) True where a column may not be a negative (its caption equals the positive's). The positive is
+    never drawn. A row whose columns are all excluded draws uniformly among the columns other than its positive.
+    One torch.multinomial call for the whole batch.
     """
     if sim.shape[1] < 2:
         raise ValueError("hard negatives need a global batch of at least 2 pairs")
-    logits = sim.float().scatter(1, positives[:, None], float("-inf"))  # softmax over the negatives only
+    not_positive = torch.ones_like(sim, dtype=torch.bool).scatter(1, positives[:, None], False)
+    allowed = not_positive if exclude is None else not_positive & ~exclude
+    stuck = ~allowed.any(1, keepdim=True)  # every other caption equals the positive's
+    logits = sim.float().masked_fill(~allowed, float("-inf"))
+    uniform = torch.zeros_like(logits).masked_fill(~not_positive, float("-inf"))
+    logits = torch.where(stuck, uniform, logits)
     return torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
 
 

@@ -83,17 +83,44 @@ def load_hf_text(model, path: str | Path) -> LoadReport:
             dec = target.replace(".self_attn.", ".dec_self_attn.")
             if dec != target and dec in ours:
                 _copy_adapting(ours[dec], tensor, dec, report)
+    with torch.no_grad():
+        for name, tensor in _mlm_head(path).items():
+            _copy_adapting(ours[_BERT_MLM_HEAD[name]], tensor, _BERT_MLM_HEAD[name], report)
     report.missing = [n for n in ours if n not in report.loaded]
     model.copy_params_to_momentum()
     log.info("pretrained text encoder %s", report.summary())
     return report
 
 
+# BertForMaskedLM's head -> the decoder's language-model head (its output matrix is tied to the word embeddings)
+_BERT_MLM_HEAD = {"cls.predictions.transform.dense.weight": "lm_transform.weight",
+                  "cls.predictions.transform.dense.bias": "lm_transform.bias",
+                  "cls.predictions.transform.LayerNorm.weight": "lm_norm.weight",
+                  "cls.predictions.transform.LayerNorm.bias": "lm_norm.bias",
+                  "cls.predictions.bias": "lm_bias"}
+
+
+def _mlm_head(path: str | Path) -> dict[str, torch.Tensor]:
+    """The masked-LM head's tensors when the checkpoint files hold one ({} for an encoder-only checkpoint)."""
+    path, found = Path(path), {}
+    for file in sorted(path.glob("*.safetensors")):
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            found.update({k: f.get_tensor(k) for k in f.keys() if k in _BERT_MLM_HEAD})
+    if not found:
+        for file in sorted(path.glob("pytorch_model*.bin")):
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            found.update({k: v for k, v in state.items() if k in _BERT_MLM_HEAD})
+    return found
+
+
 def _copy_adapting(param: torch.Tensor, tensor: torch.Tensor, name: str, report: LoadReport) -> None:
     """Copy, allowing fewer/more rows for vocabularies and position tables (the overlap is copied)."""
     if param.shape == tensor.shape:
         param.copy_(tensor)
-    elif param.dim() == 2 and param.shape[1] == tensor.shape[1] and name.startswith("embeddings."):
+    elif (param.dim() == 2 and param.shape[1] == tensor.shape[1] and name.startswith("embeddings.")) or \
+            (name == "lm_bias" and param.dim() == tensor.dim() == 1):  # vocabulary rows: the overlap is copied
         rows = min(param.shape[0], tensor.shape[0])
         param[:rows].copy_(tensor[:rows])
         report.adapted.append(f"{name}: {tensor.shape[0]} -> {param.shape[0]} rows")

@@ -19,8 +19,8 @@ from knowlip.config import LossConfig
 from knowlip.model.attention import AttentionStats
 from knowlip.model.dims import ModelDims
 from knowlip.model.distributed import gather_no_grad, gather_with_grad
-from knowlip.model.losses import (itc_loss, itm_targets, mask_for_reconstruction, reconstruction_loss,
-                                  sample_hard_negatives)
+from knowlip.model.losses import (float32_region, itc_loss, itm_targets, mask_for_reconstruction,
+                                  reconstruction_loss, sample_hard_negatives)
 from knowlip.model.text import TextModel
 from knowlip.model.vit import VisionTransformer
 
@@ -118,7 +118,9 @@ class SarKnowLIP(nn.Module):
         ids = ids.clone()
         ids[:, 0] = self.special.enc
         hidden = self.text(ids, attention_mask.bool(), mode="multimodal", image_embeds=image_embeds)
-        return self.itm_head(hidden[:, 0])
+        with float32_region(hidden):  # match logits in float32 under bf16
+            head = self.itm_head
+            return F.linear(hidden[:, 0].float(), head.weight.float(), head.bias.float())
 
     def decoder_logits(self, image_embeds: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         ids = ids.clone()
@@ -142,7 +144,9 @@ class SarKnowLIP(nn.Module):
         (SCIO phases 2 and 3); by default the reconstruction target is the batch's own caption."""
         cfg = self.loss_cfg
         alpha = cfg.alpha if alpha is None else alpha
-        temp = self.temp.clamp(cfg.temp_min, cfg.temp_max)
+        with torch.no_grad():  # in place, as BLIP: a clamp in the graph would zero the gradient out of range
+            self.temp.clamp_(cfg.temp_min, cfg.temp_max)
+        temp = self.temp
         image_embeds, image_feat = self.encode_image(images)
         text_feat = self.encode_text(input_ids, attention_mask)
         image_feat_m, text_feat_m = self.momentum_features(images, input_ids, attention_mask)
@@ -161,10 +165,13 @@ class SarKnowLIP(nn.Module):
     def _itm(self, image_embeds, ids, attention_mask, sims, group) -> tuple[torch.Tensor, torch.Tensor]:
         b = ids.shape[0]
         labels = sims["labels"]
-        # One sampling call for both directions: rows [images vs texts; texts vs images] of the global batch.
-        negatives = sample_hard_negatives(torch.cat([sims["sim_i2t"], sims["sim_t2i"]]), torch.cat([labels, labels]))
-        neg_text_idx, neg_image_idx = negatives[:b], negatives[b:]  # a text per image, an image per text
         ids_all, att_all = gather_no_grad(ids, group), gather_no_grad(attention_mask, group)
+        # Templated captions repeat: a column whose caption equals the positive's is no negative, either way.
+        same_text = (ids[:, None, :] == ids_all[None, :, :]).all(-1)
+        # One sampling call for both directions: rows [images vs texts; texts vs images] of the global batch.
+        negatives = sample_hard_negatives(torch.cat([sims["sim_i2t"], sims["sim_t2i"]]), torch.cat([labels, labels]),
+                                          torch.cat([same_text, same_text]))
+        neg_text_idx, neg_image_idx = negatives[:b], negatives[b:]  # a text per image, an image per text
         image_all = gather_with_grad(image_embeds, group)
         pair_images = torch.cat([image_embeds, image_embeds, image_all[neg_image_idx]], dim=0)
         pair_ids = torch.cat([ids, ids_all[neg_text_idx], ids], dim=0)

@@ -23,9 +23,10 @@ MODES = ("text", "multimodal", "decoder")
 class BertAttention(nn.Module):
     """Multi-head attention + output projection + residual + LayerNorm (post-norm)."""
 
-    def __init__(self, dim: int, heads: int, kv_dim: int, backend: str, stats: AttentionStats):
+    def __init__(self, dim: int, heads: int, kv_dim: int, backend: str, stats: AttentionStats, dropout: float = 0.0):
         super().__init__()
-        self.heads, self.backend, self.stats = heads, backend, stats
+        self.heads, self.backend, self.stats, self.attn_dropout = heads, backend, stats, dropout
+        self.dropout = nn.Dropout(dropout)
         self.query = nn.Linear(dim, dim)
         self.key, self.value = nn.Linear(kv_dim, dim), nn.Linear(kv_dim, dim)
         self.out = nn.Linear(dim, dim)
@@ -36,29 +37,32 @@ class BertAttention(nn.Module):
         kv = x if kv is None else kv
         split = lambda t: t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
         q, k, v = split(self.query(x)), split(self.key(kv)), split(self.value(kv))
-        ctx = attention(q, k, v, key_padding_mask, causal, self.backend, self.stats)
+        ctx = attention(q, k, v, key_padding_mask, causal, self.backend, self.stats,
+                        self.attn_dropout if self.training else 0.0)
         ctx = ctx.transpose(1, 2).reshape(x.shape)
-        return self.norm(x + self.out(ctx))
+        return self.norm(x + self.dropout(self.out(ctx)))
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.norm = nn.LayerNorm(dim, eps=1e-12)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.down(F.gelu(self.up(x))))
+        return self.norm(x + self.dropout(self.down(F.gelu(self.up(x)))))
 
 
 class TextLayer(nn.Module):
     def __init__(self, dims: TextDims, image_dim: int, backend: str, stats: AttentionStats, with_fusion: bool):
         super().__init__()
-        self.self_attn = BertAttention(dims.dim, dims.heads, dims.dim, backend, stats)
-        self.ffn = FeedForward(dims.dim, dims.intermediate)
+        p = dims.dropout
+        self.self_attn = BertAttention(dims.dim, dims.heads, dims.dim, backend, stats, p)
+        self.ffn = FeedForward(dims.dim, dims.intermediate, p)
         # A momentum copy used only in "text" mode needs neither cross-attention nor decoder self-attention.
-        self.cross_attn = BertAttention(dims.dim, dims.heads, image_dim, backend, stats) if with_fusion else None
-        self.dec_self_attn = BertAttention(dims.dim, dims.heads, dims.dim, backend, stats) if with_fusion else None
+        self.cross_attn = BertAttention(dims.dim, dims.heads, image_dim, backend, stats, p) if with_fusion else None
+        self.dec_self_attn = BertAttention(dims.dim, dims.heads, dims.dim, backend, stats, p) if with_fusion else None
 
     def forward(self, x, mask, mode: str, image_embeds=None) -> torch.Tensor:
         if mode == "decoder":
@@ -77,10 +81,11 @@ class TextEmbeddings(nn.Module):
         self.position = nn.Embedding(dims.max_positions, dims.dim)
         self.token_type = nn.Embedding(1, dims.dim)  # kept so BERT checkpoints map; one segment only
         self.norm = nn.LayerNorm(dims.dim, eps=1e-12)
+        self.dropout = nn.Dropout(dims.dropout)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(ids.shape[1], device=ids.device)
-        return self.norm(self.word(ids) + self.position(pos)[None] + self.token_type.weight[0])
+        return self.dropout(self.norm(self.word(ids) + self.position(pos)[None] + self.token_type.weight[0]))
 
 
 class TextModel(nn.Module):

@@ -39,9 +39,18 @@ class VitAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop a residual branch for whole samples with probability `rate` (rescaled)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) >= rate
+    return x * keep.to(x.dtype) / (1 - rate)
+
+
 class VitBlock(nn.Module):
-    def __init__(self, dims: VisionDims, backend: str, stats: AttentionStats):
+    def __init__(self, dims: VisionDims, backend: str, stats: AttentionStats, drop_path_rate: float = 0.0):
         super().__init__()
+        self.drop_path_rate = drop_path_rate
         hidden = int(dims.dim * dims.mlp_ratio)
         self.norm1 = nn.LayerNorm(dims.dim, eps=1e-6)
         self.attn = VitAttention(dims.dim, dims.heads, backend, stats)
@@ -49,8 +58,8 @@ class VitBlock(nn.Module):
         self.fc1, self.fc2 = nn.Linear(dims.dim, hidden), nn.Linear(hidden, dims.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
+        return x + drop_path(self.fc2(F.gelu(self.fc1(self.norm2(x)))), self.drop_path_rate, self.training)
 
 
 class VisionTransformer(nn.Module):
@@ -64,7 +73,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, dims.dim, kernel_size=dims.patch, stride=dims.patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dims.dim))
-        self.blocks = nn.ModuleList(VitBlock(dims, backend, stats) for _ in range(dims.depth))
+        rates = [dims.drop_path * i / max(1, dims.depth - 1) for i in range(dims.depth)]  # rising with depth
+        self.blocks = nn.ModuleList(VitBlock(dims, backend, stats, rate) for rate in rates)
         self.norm = nn.LayerNorm(dims.dim, eps=1e-6)
         self.activation_checkpointing = False  # recompute blocks in backward (train.activation_checkpointing)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -256,8 +256,21 @@ class ZeroEngine(_DistMixin):
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
         self._micro = 0
+        self._clamp_temperature_master()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def _clamp_temperature_master(self) -> None:
+        """The model clamps its temperature in place in forward, as BLIP does; under ZeRO-3 that reaches only the
+        working copy, so the optimiser's fp32 master is clamped here too (else it would drift past the bound and
+        take as many steps to come back). A one-element gather per step."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        temp, cfg = self.module.temp, self.module.loss_cfg
+        value = safe_get_full_fp32_param(temp)
+        clamped = value.clamp(cfg.temp_min, cfg.temp_max)
+        if not torch.equal(value, clamped):
+            safe_set_full_fp32_param(temp, clamped)
 
     def skip_step(self) -> None:
         """Drop whatever this step accumulated (a non-finite loss on some rank)."""

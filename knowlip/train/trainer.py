@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from knowlip.config import accumulation_steps, config_hash, to_yaml
+from knowlip.config import accumulation_steps, config_hash, schedule_steps, to_yaml
 from knowlip.data.loader import StreamingLoader, build_loader
 from knowlip.data.shards import ShardIndex, load_index
 from knowlip.launch.local import RankEnv, free_port
@@ -222,10 +222,11 @@ class Trainer:
 
     def lr_at(self, step: int) -> float:
         t = self.cfg.train
-        return lr_at(step, t.lr, t.warmup_steps, t.steps)
+        return lr_at(step, t.lr, schedule_steps(t.warmup_steps, t.steps), t.steps)
 
     def alpha_at(self, step: int) -> float:
-        return alpha_at(step, self.cfg.model.losses.alpha, self.cfg.train.alpha_ramp_steps)
+        t = self.cfg.train
+        return alpha_at(step, self.cfg.model.losses.alpha, schedule_steps(t.alpha_ramp_steps, t.steps))
 
     def batches(self):
         """Micro-batches for ever, epoch after epoch (the loader's state says where we are)."""
