@@ -147,6 +147,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Zero-shot retrieval and classification of a checkpoint, export or run on held-out shards; one process, or
+    every rank of a torchrun/Slurm job (each embeds its slice)."""
+    import torch
+
+    from knowlip.eval.zero_shot import format_report, run_eval
+    from knowlip.launch.local import init_plain_process_group, rank_env
+    from knowlip.text.tokenizer import CaptionTokenizer
+    from knowlip.train.export import load_model
+
+    renv = rank_env()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", renv.local_rank if renv else 0) if cuda else torch.device("cpu")
+    if renv is not None and renv.world_size > 1:
+        init_plain_process_group(renv, "nccl" if cuda else "gloo")
+    model, tokenizer, cfg = load_model(args.source, device)
+    text = CaptionTokenizer(tokenizer, cfg.data.max_text_len)
+    result = run_eval(model, args.shards, text, cfg.norm, device, torch.float32, args.batch_size, args.fields)
+    if renv is None or renv.rank == 0:
+        print(format_report(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+            print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_ckpt_ls(args: argparse.Namespace) -> int:
     import time
 
@@ -204,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="zero-shot retrieval and clause classification on held-out shards")
+    p.add_argument("source", help="a checkpoint, an export folder or a run folder (its newest checkpoint)")
+    p.add_argument("--shards", required=True, help="held-out shard folder (index.json)")
+    p.add_argument("--json", help="write the full result here")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--fields", nargs="+", default=["water", "terrain"], help="clauses to classify by")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ckpt", help="list and convert checkpoints")
     ksub = p.add_subparsers(dest="ckpt_command", required=True)

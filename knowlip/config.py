@@ -190,6 +190,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Zero-shot evaluation during training (knowlip.eval): retrieval and clause-prompt classification."""
+
+    shards: Optional[str] = None  # held-out shard folder; None = no evaluation during training
+    every: int = 0  # steps between evaluations (0: only at the end)
+    batch_size: int = 64
+    fields: list[str] = field(default_factory=lambda: ["water", "terrain"])  # clauses to classify by
+
+
+@dataclass
 class KnowlipConfig:
     run_dir: str = "runs/quickstart"
     seed: int = 0
@@ -202,6 +212,7 @@ class KnowlipConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Passed through to DeepSpeed's config for what knowlip does not model (merged over what knowlip sets).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -222,6 +233,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "bf16", "fp32"),
     "train.engine": ("deepspeed", "plain"),
     "dist.backend": ("auto", "gloo", "nccl"),
+    "eval.fields": ("terrain", "functionality", "distribution", "layout", "boundary", "buildings", "roads", "water"),
 }
 
 
@@ -335,6 +347,8 @@ RANGES: dict[str, tuple] = {
     "dist.timeout_s": (lambda v: v >= 10, "at least 10"),
     "ckpt.every": (lambda v: v >= 0, "0 (off) or positive"),
     "ckpt.keep": (lambda v: v >= 1, "at least 1"),
+    "eval.every": (lambda v: v >= 0, "0 (only at the end) or positive"),
+    "eval.batch_size": (lambda v: v >= 1, "at least 1"),
 }
 
 

@@ -67,6 +67,14 @@ def rank_env(environ: Mapping[str, str] = os.environ) -> RankEnv | None:
     return None
 
 
+def init_plain_process_group(renv: RankEnv, backend: str) -> None:
+    """torch.distributed without DeepSpeed (evaluation): env:// rendezvous from the rank environment."""
+    import torch.distributed as dist
+
+    renv.export()
+    dist.init_process_group(backend, init_method="env://", rank=renv.rank, world_size=renv.world_size)
+
+
 def local_rank_count(setting: str) -> int:
     """dist.nproc_per_node: a number, or auto (one per visible GPU, 2 on a CPU-only machine)."""
     if setting != "auto":

@@ -231,3 +231,9 @@ def kernel_fields(p: NormParams) -> dict:
     return {"kind": [PRODUCT_CODES[prod] for prod in p.products], "lo": [c[0] for c in p.clip_db],
             "hi": [c[1] for c in p.clip_db], "scale": scale, "offset": offset, "gain": p.gains(),
             "mode": 0 if p.mode == "scale" else 1}
+
+
+def batch_params(norm_cfg, batch: dict) -> NormParams:
+    """NormParams for a loader batch (its chips share product and polarisations: the loader checks that)."""
+    meta = batch["meta"][0]
+    return params_from_config(norm_cfg, meta["polarisations"], meta["product"], meta.get("calibration_gain"))

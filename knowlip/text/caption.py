@@ -36,7 +36,7 @@ class Caption:
     clauses: dict[str, str]  # field -> keywords, in CLAUSES order (geo last when present)
 
     def text(self) -> str:
-        return " ".join(f"{_PREFIX[f]} {kw}." for f, kw in self.clauses.items())
+        return " ".join(clause_text(f, kw) for f, kw in self.clauses.items())
 
     def without(self, field: str) -> "Caption":
         return Caption({f: kw for f, kw in self.clauses.items() if f != field})
@@ -59,6 +59,11 @@ def make_caption(clauses: dict[str, str], geo: str | None = None) -> Caption:
     if geo:
         ordered[GEO_FIELD] = _clean(geo)
     return Caption(ordered)
+
+
+def clause_text(field: str, keywords: str) -> str:
+    """One clause as it reads in a caption: 'Water presence: no water.'"""
+    return f"{_PREFIX[field]} {keywords}."
 
 
 def _clean(keywords: str) -> str:

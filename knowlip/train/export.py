@@ -66,18 +66,36 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32") 
     return out / WEIGHTS
 
 
-def load_exported(folder: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer) from an export folder; plain torch, no DeepSpeed."""
-    from safetensors.torch import load_file
+def load_model(source: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer, config) from an export folder, a checkpoint or a run folder."""
+    from knowlip.config import load_config
 
+    source = Path(source)
+    if (source / WEIGHTS).is_file() and (source / "config.yaml").is_file() and not (source / "checkpoints").is_dir():
+        model, tokenizer = load_exported(source, device)
+        return model, tokenizer, load_config(source / "config.yaml")
+    path = ckpt.resolve_checkpoint(source)
+    model, tokenizer = _build(path, device)
+    model.load_state_dict(consolidated_state_dict(path))
+    return model.to(device).eval(), tokenizer, load_config(path / "config.yaml")
+
+
+def _build(folder: Path, device):
     from knowlip.config import load_config
     from knowlip.model.build import build_model
     from knowlip.text.tokenizer import load_tokenizer
 
-    folder = Path(folder)
     cfg = load_config(folder / "config.yaml", ["model.pretrained_text=null", "model.pretrained_vision=null"])
     tokenizer = load_tokenizer(folder / "tokenizer")
-    model = build_model(cfg.model, tokenizer)
+    return build_model(cfg.model, tokenizer), tokenizer
+
+
+def load_exported(folder: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer) from an export folder; plain torch, no DeepSpeed."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    model, tokenizer = _build(folder, device)
     state = load_file(str(folder / WEIGHTS))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.to(device).eval(), tokenizer

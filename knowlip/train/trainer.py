@@ -23,11 +23,12 @@ from omegaconf import OmegaConf
 from knowlip.config import accumulation_steps, config_hash, schedule_steps, to_yaml
 from knowlip.data.loader import StreamingLoader, build_loader
 from knowlip.data.shards import ShardIndex, load_index
+from knowlip.eval.zero_shot import run_eval, scalars
 from knowlip.launch.local import RankEnv, free_port
 from knowlip.launch.signals import StopRequest
 from knowlip.model.build import build_model
 from knowlip.model.flops import training_flops_per_sample
-from knowlip.ops.sar_norm import params_from_config, sar_normalize
+from knowlip.ops.sar_norm import batch_params, sar_normalize
 from knowlip.text.tokenizer import CaptionTokenizer, load_tokenizer, train_wordpiece
 from knowlip.train import checkpoint as ckpt
 from knowlip.train.engine import (barrier, broadcast_object, build_engine, check_deepspeed_section,
@@ -214,9 +215,7 @@ class Trainer:
         """Raw chips -> normalised images, on the training device (never on the CPU when training on a GPU)."""
         chips = batch["chips"].to(self.device, non_blocking=True)
         if self.norm_params is None:
-            meta = batch["meta"][0]
-            self.norm_params = params_from_config(self.cfg.norm, meta["polarisations"], meta["product"],
-                                                  meta.get("calibration_gain"))
+            self.norm_params = batch_params(self.cfg.norm, batch)
         images, _ = sar_normalize(chips, self.norm_params)
         return images.to(self.engine.compute_dtype)
 
@@ -300,8 +299,9 @@ class Trainer:
                 values = self.train_step(micro)
                 history.append(values)
                 bar.update(values, self.global_batch)
-                if self.step % cfg.train.log_every == 0 or self.step in (cfg.train.steps, last):
-                    metrics.write(self._row(values, meter.window()))
+                evals = self.evaluate_if_due()
+                if evals or self.step % cfg.train.log_every == 0 or self.step in (cfg.train.steps, last):
+                    metrics.write({**self._row(values, meter.window()), **evals})
                 if self.stop.requested:
                     stopped = f"signal {self.stop.name}"
                 elif self.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
@@ -319,6 +319,15 @@ class Trainer:
         barrier()
         return {"steps": self.step, "history": history, "stopped": stopped, "checkpoint": saved,
                 "flops_per_sample": meter.flops_per_sample, "metrics": str(self.run_dir / "metrics.jsonl")}
+
+    def evaluate_if_due(self) -> dict[str, float]:
+        """Zero-shot evaluation on eval.shards every eval.every steps and at the end (all ranks take part)."""
+        e = self.cfg.eval
+        if not e.shards or not ((e.every and self.step % e.every == 0) or self.step == self.cfg.train.steps):
+            return {}
+        result = run_eval(self.model, e.shards, self.text, self.cfg.norm, self.device, self.engine.compute_dtype,
+                          e.batch_size, tuple(e.fields))
+        return scalars(result)
 
     def _row(self, values: dict[str, float], throughput: dict) -> dict:
         def clean(v: float):
