@@ -190,6 +190,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class ScioConfig:
+    """Self-consistent iterative optimisation (method.md): the model screens and repairs its own captions."""
+
+    enabled: bool = True  # false: phase 1 (plain training) throughout
+    # First steps of phase 2 (screen + filter) and phase 3 (repair) as fractions of train.steps. The paper
+    # trains three equal phases; the fractions are our choice of how to express that.
+    phase_starts: list[float] = field(default_factory=lambda: [0.333, 0.667])
+    samples_every: int = 20  # append a few (original, filtered, repaired) captions to scio_samples.jsonl; 0 = off
+    samples_per_write: int = 3
+
+
+@dataclass
 class EvalConfig:
     """Zero-shot evaluation during training (knowlip.eval): retrieval and clause-prompt classification."""
 
@@ -213,6 +225,7 @@ class KnowlipConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    scio: ScioConfig = field(default_factory=ScioConfig)
     # Passed through to DeepSpeed's config for what knowlip does not model (merged over what knowlip sets).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -349,6 +362,8 @@ RANGES: dict[str, tuple] = {
     "ckpt.keep": (lambda v: v >= 1, "at least 1"),
     "eval.every": (lambda v: v >= 0, "0 (only at the end) or positive"),
     "eval.batch_size": (lambda v: v >= 1, "at least 1"),
+    "scio.samples_every": (lambda v: v >= 0, "0 (off) or positive"),
+    "scio.samples_per_write": (lambda v: v >= 1, "at least 1"),
 }
 
 
@@ -369,6 +384,10 @@ def _check_ranges(cfg: DictConfig) -> None:
     if gbs is not None and gbs % cfg.data.batch_size:
         raise ConfigError(f"bad value for 'train.global_batch_size': {gbs} is not a multiple of data.batch_size="
                           f"{cfg.data.batch_size}")
+    starts = list(cfg.scio.phase_starts)
+    if len(starts) != 2 or not 0.0 <= starts[0] <= starts[1] <= 1.0:
+        raise ConfigError(f"bad value for 'scio.phase_starts': {starts} must be two fractions of train.steps, "
+                          "0 <= phase 2 start <= phase 3 start <= 1")
     for key in ("model.text_dropout", "model.drop_path"):
         value = OmegaConf.select(cfg, key)
         if value is not None and not 0.0 <= value < 1.0:

@@ -50,6 +50,9 @@ train: {{steps: 4, log_every: 2, tokenizer_vocab: 300}}
     assert "samples in 1 shards" in proc.stdout and "trained 4 steps" in proc.stdout
     assert (tmp_path / "run/model.safetensors").is_file()
     assert (tmp_path / "run/checkpoints/step_00000004/meta.json").is_file()
+    last = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
+    # SCIO ran: step 3 in phase 2, step 4 in phase 3; the row sums the window of steps 3-4 over 2 ranks x 4 captions
+    assert last["scio_phase"] == 3 and last["scio_screened"] == 16
     again = subprocess.run(["bash", str(REPO / "launch/quickstart.sh")], env={**os.environ, "CONFIG": str(config)},
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]

@@ -19,6 +19,7 @@ from knowlip.config import LossConfig
 from knowlip.model.attention import AttentionStats
 from knowlip.model.dims import ModelDims
 from knowlip.model.distributed import gather_no_grad, gather_with_grad
+from knowlip.model.scio import ScioBatch, choose_variants, repair_ids
 from knowlip.model.losses import (float32_region, itc_loss, itm_targets, mask_for_reconstruction,
                                   reconstruction_loss, sample_hard_negatives)
 from knowlip.model.text import TextModel
@@ -139,28 +140,70 @@ class SarKnowLIP(nn.Module):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 keyword_mask: torch.Tensor, alpha: float | None = None, group=None,
                 recon_ids: torch.Tensor | None = None, recon_attention_mask: torch.Tensor | None = None,
-                recon_keyword_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """All three losses for one batch. `recon_*` give another caption as the reconstruction target
-        (SCIO phases 2 and 3); by default the reconstruction target is the batch's own caption."""
+                recon_keyword_mask: torch.Tensor | None = None, scio: ScioBatch | None = None) -> dict:
+        """All three losses for one batch. `recon_*` give another caption as the reconstruction target. `scio`
+        (phases 2 and 3) screens the captions first: phase 2 reconstructs the filtered caption, phase 3 repairs
+        the flagged clause and trains all three losses on the repaired caption; out["scio"] says what it did."""
         cfg = self.loss_cfg
         alpha = cfg.alpha if alpha is None else alpha
         with torch.no_grad():  # in place, as BLIP: a clamp in the graph would zero the gradient out of range
             self.temp.clamp_(cfg.temp_min, cfg.temp_max)
         temp = self.temp
         image_embeds, image_feat = self.encode_image(images)
+        rec_ids = input_ids if recon_ids is None else recon_ids
+        rec_att = attention_mask if recon_attention_mask is None else recon_attention_mask
+        rec_kw = keyword_mask if recon_keyword_mask is None else recon_keyword_mask
+        scio_out = None
+        if scio is not None:
+            scio_out = self._scio(image_embeds, image_feat, input_ids, attention_mask, scio)
+            if scio.phase == 3:
+                input_ids = rec_ids = scio_out["repaired"]
+            else:
+                rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+                pick, keep = scio_out["choice"].clamp_min(0), scio_out["choice"] < 0
+                rec_ids = torch.where(keep[:, None], input_ids, scio.variant_ids[rows, pick])
+                rec_att = torch.where(keep[:, None], attention_mask, scio.variant_attention[rows, pick])
+                rec_kw = torch.where(keep[:, None], keyword_mask.bool(), scio.variant_keywords[rows, pick].bool())
         text_feat = self.encode_text(input_ids, attention_mask)
         image_feat_m, text_feat_m = self.momentum_features(images, input_ids, attention_mask)
         loss_itc, sims = itc_loss(image_feat, text_feat, temp, image_feat_m, text_feat_m, self.image_queue.clone(),
                                   self.text_queue.clone(), alpha, group)
         loss_itm, itm_acc = self._itm(image_embeds, input_ids, attention_mask, sims, group)
-        rec_ids = input_ids if recon_ids is None else recon_ids
-        rec_att = attention_mask if recon_attention_mask is None else recon_attention_mask
-        rec_kw = keyword_mask if recon_keyword_mask is None else recon_keyword_mask
         loss_recon = self._reconstruction(image_embeds, rec_ids, rec_att, rec_kw)
         self._enqueue(image_feat_m, text_feat_m, group)
         loss = cfg.itc_weight * loss_itc + cfg.itm_weight * loss_itm + cfg.recon_weight * loss_recon
-        return {"loss": loss, "loss_itc": loss_itc.detach(), "loss_itm": loss_itm.detach(),
-                "loss_recon": loss_recon.detach(), "itm_acc": itm_acc, "temp": temp.detach()[0]}
+        out = {"loss": loss, "loss_itc": loss_itc.detach(), "loss_itm": loss_itm.detach(),
+               "loss_recon": loss_recon.detach(), "itm_acc": itm_acc, "temp": temp.detach()[0].float()}
+        if scio_out is not None:
+            out["scio"] = scio_out
+        return out
+
+    @torch.no_grad()
+    def _scio(self, image_embeds, image_feat, ids, attention_mask, scio: ScioBatch) -> dict[str, torch.Tensor]:
+        """Screen every caption against its clause-removed variants in one batched pass (text encoder and ITM
+        head on B x (K + 1) captions), then, in phase 3, repair the chosen clause with the decoder. Dropout is off
+        while scoring: a score must not depend on a dropout draw."""
+        b, k, length = scio.variant_ids.shape
+        all_ids = torch.cat([ids[:, None], scio.variant_ids], dim=1).reshape(b * (k + 1), length)
+        all_att = torch.cat([attention_mask[:, None], scio.variant_attention], dim=1).reshape(b * (k + 1), length)
+        was_training = self.text.training
+        self.text.eval()
+        try:
+            feats = self.encode_text(all_ids, all_att).float().view(b, k + 1, -1)
+            sims = (image_feat.detach().float()[:, None, :] * feats).sum(-1)
+            match = self.itm_logits(image_embeds.detach().repeat_interleave(k + 1, dim=0), all_ids, all_att)
+            match = match.softmax(dim=-1)[:, 1].view(b, k + 1)
+            choice, gain, flagged = choose_variants(sims[:, 0], sims[:, 1:], match[:, 0], match[:, 1:], scio.valid)
+            out = {"choice": choice, "gain": gain, "flagged": flagged}
+            if scio.phase == 3:
+                rows = torch.arange(b, device=ids.device)
+                positions = scio.field_masks[rows, choice.clamp_min(0)] & (choice >= 0)[:, None]
+                masked = ids.masked_fill(positions, self.special.mask)
+                logits = self.decoder_logits(image_embeds.detach(), masked, attention_mask)
+                out["repaired"] = repair_ids(ids, positions, logits)
+        finally:
+            self.text.train(was_training)
+        return out
 
     def _itm(self, image_embeds, ids, attention_mask, sims, group) -> tuple[torch.Tensor, torch.Tensor]:
         b = ids.shape[0]

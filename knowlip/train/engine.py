@@ -3,7 +3,7 @@
 
     forward(...) / backward(loss) / step() -> grad norm / skip_step() / set_lr(lr) / momentum_update()
     save(folder) / load(folder, universal) / momentum_state() / load_momentum_state(state)
-    all_reduce_max(values)
+    all_reduce_max(values) / all_reduce_sum(values)
 
 The traps of ZeRO-3 this module handles (../shared/notes/zero3-patterns.md):
 - DeepSpeed clips gradients at 1.0 unless told otherwise: `gradient_clipping` is always set, from train.grad_clip.
@@ -142,9 +142,15 @@ class _DistMixin:
         return dist.get_world_size() if dist.is_initialized() else 1
 
     def all_reduce_max(self, values: list[float]) -> list[float]:
+        return self._all_reduce(values, dist.ReduceOp.MAX)
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return self._all_reduce(values, dist.ReduceOp.SUM)
+
+    def _all_reduce(self, values: list[float], op) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            dist.all_reduce(t, op=op)
         return t.tolist()
 
 

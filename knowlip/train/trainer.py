@@ -31,6 +31,7 @@ from knowlip.model.flops import training_flops_per_sample
 from knowlip.ops.sar_norm import batch_params, sar_normalize
 from knowlip.text.tokenizer import CaptionTokenizer, load_tokenizer, train_wordpiece
 from knowlip.train import checkpoint as ckpt
+from knowlip.train import scio
 from knowlip.train.engine import (barrier, broadcast_object, build_engine, check_deepspeed_section,
                                   init_process_group)
 from knowlip.train.export import export_checkpoint
@@ -166,6 +167,7 @@ class Trainer:
         self.engine = build_engine(model, cfg, self.device, bf16, self.accumulation, universal)
         self.model = self.engine.module
         self.step, self.nonfinite_skipped, self.nonfinite_in_a_row = 0, 0, 0
+        self.scio_stats = scio.ScioStats()
         self.norm_params = None
         self.resumed_from: Path | None = None
         seed_rank(cfg.seed, self.rank)
@@ -241,10 +243,15 @@ class Trainer:
         self.engine.momentum_update()
         sums: dict[str, float] = {}
         skip = False
+        phase = scio.phase_at(self.step, self.cfg)
         for batch in micro_batches:
             images = self.normalise(batch)
             ids, att, kw = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "keyword_mask"))
-            out = self.engine.forward(images, ids, att, kw, alpha=self.alpha_at(self.step))
+            screen, variants = scio.prepare(batch["captions"], self.text, phase) if phase > 1 else (None, None)
+            out = self.engine.forward(images, ids, att, kw, alpha=self.alpha_at(self.step),
+                                      scio=screen.to(self.device) if screen else None)
+            if "scio" in out:
+                self._scio_record(batch, variants, out.pop("scio"), phase)
             nonfinite = not bool(torch.isfinite(out["loss"]).item()) or self._nan_injected()
             stop, bad = self.engine.all_reduce_max([float(self.stop.requested), float(nonfinite)])
             if stop:
@@ -265,6 +272,14 @@ class Trainer:
             self.nonfinite_in_a_row = 0
         self.step += 1
         return values
+
+    def _scio_record(self, batch: dict, variants: list[list[str]], out: dict, phase: int) -> None:
+        self.scio_stats.add(out)
+        every, step = self.cfg.scio.samples_every, self.step + 1
+        if self.rank == 0 and every and step % every == 0:
+            scio.write_samples(self.run_dir / "scio_samples.jsonl", step, phase, batch["keys"], batch["captions"],
+                               variants, out, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+                               self.cfg.scio.samples_per_write)
 
     def _nan_injected(self) -> bool:
         """Test hook KNOWLIP_FAULT_NAN_STEPS=a-b: the last rank sees a non-finite loss at steps a..b (1-based)."""
@@ -335,7 +350,9 @@ class Trainer:
 
         mem = (torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-        return {"step": self.step, "epoch": self.loader.epoch, "lr": self.lr_at(self.step - 1),
+        scio_fields = {"scio_phase": scio.phase_at(self.step - 1, self.cfg),
+                       **self.scio_stats.take_window(self.engine.all_reduce_sum)}
+        return {"step": self.step, "epoch": self.loader.epoch, "lr": self.lr_at(self.step - 1), **scio_fields,
                 **{k: clean(v) for k, v in values.items()}, **throughput,
                 "skipped_samples": self.loader.stats.skipped, "world_size": self.world_size,
                 "global_batch": self.global_batch, "nonfinite_skipped": self.nonfinite_skipped,
@@ -350,7 +367,8 @@ class Trainer:
                 "buffers": {k: v.detach().cpu() for k, v in self.model.named_buffers()},
                 "nonfinite_skipped": self.nonfinite_skipped, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "config": OmegaConf.to_container(self.cfg, resolve=True), "config_hash": config_hash(self.cfg),
-                "mlflow_run_id": None, "scio": None}
+                "mlflow_run_id": None,
+                "scio": {"phase": scio.phase_at(self.step, self.cfg), **self.scio_stats.state_dict()}}
 
     def save_checkpoint(self) -> Path:
         """Every rank writes its part into a partial folder; rank 0 publishes it once all have finished."""
@@ -393,6 +411,7 @@ class Trainer:
         self.step = int(state["step"])
         self.nonfinite_skipped = int(state["nonfinite_skipped"])
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        self.scio_stats.load_state_dict(state["scio"] or {})
         rng = ckpt.rng_file(path, self.rank)
         if not universal and rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
