@@ -3,7 +3,8 @@ zero-shot on synthetic scenes it never saw (another seed: other land-cover maps,
 
     .venv/bin/python bench/learning_check.py [--steps 300] [--out /tmp/learning_check]
 
-Trains twice from the same seed, with SCIO (phases at 1/3 and 2/3 of the run) and without, and prints one JSON
+Trains three times from the same seed: ITC with online columns (what learns from random initialisation) without
+and with SCIO (phases at 1/3 and 2/3 of the run), and BLIP's momentum columns without SCIO; prints one JSON
 line per run: image->text and text->image R@1/R@5 with chance, and clause-prompt classification accuracy with
 chance and the majority baseline. The plain engine, one process: the figures are about the method, not speed.
 """
@@ -36,25 +37,26 @@ def world(root: Path, name: str, scenes: int, seed: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", default="/tmp/knowlip_learning_check")
     args = parser.parse_args()
     root = Path(args.out)
     train_shards, heldout = world(root, "train", 48, 0), world(root, "heldout", 12, 1)
-    for enabled in (False, True):
-        run = root / f"run_scio_{str(enabled).lower()}"
+    for columns, enabled in (("online", False), ("online", True), ("momentum", False)):
+        run = root / f"run_{columns}_scio_{str(enabled).lower()}"
         cfg = load_config(None, [f"run_dir={run}", f"data.shards={train_shards}", f"data.batch_size={args.batch_size}",
-                                 f"train.steps={args.steps}", "train.lr=1e-3", "train.warmup_steps=0.05",
+                                 f"train.steps={args.steps}", "train.lr=5e-4", "train.warmup_steps=0.05",
                                  "train.alpha_ramp_steps=0.2", "train.engine=plain", "train.progress=false",
                                  "train.log_every=50", f"scio.enabled={str(enabled).lower()}", "resume=none",
-                                 "scio.samples_every=0"])
+                                 "scio.samples_every=0", "model.queue_size=64",
+                                 f"model.losses.itc_columns={columns}"])
         start = time.perf_counter()
         trainer = Trainer(cfg)
         trainer.train()
         minutes = (time.perf_counter() - start) / 60
         result = run_eval(trainer.model, heldout, trainer.text, cfg.norm, trainer.device, trainer.engine.compute_dtype)
-        row = {"bench": "learning_check", "scio": enabled, "steps": args.steps, "batch_size": args.batch_size,
+        row = {"bench": "learning_check", "itc_columns": columns, "scio": enabled, "steps": args.steps, "batch_size": args.batch_size,
                "train_minutes": round(minutes, 1), "heldout_samples": result["samples"],
                "distinct_captions": result["distinct_captions"]}
         for direction, short in (("image_to_text", "i2t"), ("text_to_image", "t2i")):

@@ -126,6 +126,9 @@ class LossConfig:
     temp_max: float = 0.5
     other_mask_prob: float = 0.05  # non-keyword tokens masked for reconstruction (keywords: always)
     label_smoothing: float = 0.1
+    # ITC columns: "momentum" is BLIP's (the batch's momentum features, then the queue). "online" (the batch's
+    # online features with grad, then the queue) is an ablation: knowlip's form before it followed BLIP.
+    itc_columns: str = "momentum"
 
 
 @dataclass
@@ -245,6 +248,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.engine": ("deepspeed", "plain"),
+    "model.losses.itc_columns": ("momentum", "online"),
     "dist.backend": ("auto", "gloo", "nccl"),
     "eval.fields": ("terrain", "functionality", "distribution", "layout", "boundary", "buildings", "roads", "water"),
 }

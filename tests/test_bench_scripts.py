@@ -46,5 +46,5 @@ def test_learning_check_bench_trains_and_evaluates(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [r["scio"] for r in rows] == [False, True]
+    assert [(r["itc_columns"], r["scio"]) for r in rows] == [("online", False), ("online", True), ("momentum", False)]
     assert all(0 < r["i2t_chance_r1"] < r["i2t_chance_r5"] < 1 for r in rows)

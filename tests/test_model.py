@@ -159,6 +159,26 @@ def test_itc_follows_blips_formula_with_momentum_columns_queue_and_distillation(
     torch.testing.assert_close(extras["sim_i2t"], img @ txt_m.t() / 0.2)
 
 
+def test_itc_online_columns_keep_momentum_distillation_targets():
+    """itc_columns=online: rows against [online batch; queue], targets from momentum rows against [momentum batch;
+    queue] (float64 by hand)."""
+    img, txt, img_m, txt_m, qi, qt = (x.double() for x in _itc_inputs())
+    loss, _ = itc_loss(img.float(), txt.float(), torch.tensor([0.2]), img_m.float(), txt_m.float(), qi.float(),
+                       qt.float(), alpha=0.4, columns="online")
+    eye = torch.eye(4, 7, dtype=torch.float64)
+
+    def direction(rows, rows_m, cols, cols_m):
+        targets = 0.4 * torch.softmax(rows_m @ cols_m.t() / 0.2, 1) + 0.6 * eye
+        return -(torch.log_softmax(rows @ cols.t() / 0.2, 1) * targets).sum(1).mean()
+
+    expected = (direction(img, img_m, torch.cat([txt, qt]), torch.cat([txt_m, qt]))
+                + direction(txt, txt_m, torch.cat([img, qi]), torch.cat([img_m, qi]))) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    blip, _ = itc_loss(img.float(), txt.float(), torch.tensor([0.2]), img_m.float(), txt_m.float(), qi.float(),
+                       qt.float(), alpha=0.4)
+    assert blip.item() != pytest.approx(loss.item(), rel=1e-3)  # the default really is BLIP's momentum columns
+
+
 def test_itc_logits_stay_float32_under_bf16_autocast():
     img, txt, img_m, txt_m, qi, qt = _itc_inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -22,31 +22,37 @@ def float32_region(x: torch.Tensor):
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor,
              image_feat_m: torch.Tensor | None = None, text_feat_m: torch.Tensor | None = None,
              image_queue: torch.Tensor | None = None, text_queue: torch.Tensor | None = None, alpha: float = 0.0,
-             group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             group=None, columns: str = "momentum") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Image-text contrastive loss as BLIP computes it, in float32.
 
     Rows: this rank's online features image_feat/text_feat (B, E), L2-normalised, with grad.
     Columns: the MOMENTUM features *_feat_m of the global batch (gathered from every rank, no grad), then the
     queue (Q, E) of momentum features of past batches. The distillation targets are softmax(momentum row x the
     same columns / temp), mixed with the one-hot positive by `alpha`. Row i of rank r matches column r*B + i.
-    Without momentum features (evaluation, ablations) the columns are the online features gathered with grad.
+    columns="online" (or no momentum features) puts the online features of the global batch, gathered with grad,
+    before the queue instead (an ablation: knowlip's form before it followed BLIP); the distillation targets still
+    come from the momentum features.
     Returns (loss, extras) where extras holds the rows' similarities to the global batch (hard negatives).
     """
     rank, _ = world(group)
     b = image_feat.shape[0]
     with float32_region(image_feat):
         image_feat, text_feat, temp = image_feat.float(), text_feat.float(), temp.float()
-        if image_feat_m is None:
+        if image_feat_m is not None:
+            image_feat_m, text_feat_m = image_feat_m.detach().float(), text_feat_m.detach().float()
+            image_m_cols = gather_no_grad(image_feat_m, group, check_sizes=True)
+            text_m_cols = gather_no_grad(text_feat_m, group)
+        if image_feat_m is None or columns == "online":
             image_cols = gather_with_grad(image_feat, group, check_sizes=True)
             text_cols = gather_with_grad(text_feat, group)
         else:
-            image_feat_m, text_feat_m = image_feat_m.detach().float(), text_feat_m.detach().float()
-            image_cols = gather_no_grad(image_feat_m, group, check_sizes=True)
-            text_cols = gather_no_grad(text_feat_m, group)
+            image_cols, text_cols = image_m_cols, text_m_cols
         global_b = image_cols.shape[0]
         if text_queue is not None:
-            text_cols = torch.cat([text_cols, text_queue.detach().float()], dim=0)
-            image_cols = torch.cat([image_cols, image_queue.detach().float()], dim=0)
+            queue_t, queue_i = text_queue.detach().float(), image_queue.detach().float()
+            text_cols, image_cols = torch.cat([text_cols, queue_t]), torch.cat([image_cols, queue_i])
+            if image_feat_m is not None:
+                text_m_cols, image_m_cols = torch.cat([text_m_cols, queue_t]), torch.cat([image_m_cols, queue_i])
         labels = torch.arange(b, device=image_feat.device) + rank * b
         sim_i2t = image_feat @ text_cols.t() / temp
         sim_t2i = text_feat @ image_cols.t() / temp
@@ -54,8 +60,8 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tens
         if alpha > 0 and image_feat_m is not None:
             with torch.no_grad():
                 one_hot = targets_i2t
-                targets_i2t = alpha * (image_feat_m @ text_cols.t() / temp).softmax(1) + (1 - alpha) * one_hot
-                targets_t2i = alpha * (text_feat_m @ image_cols.t() / temp).softmax(1) + (1 - alpha) * one_hot
+                targets_i2t = alpha * (image_feat_m @ text_m_cols.t() / temp).softmax(1) + (1 - alpha) * one_hot
+                targets_t2i = alpha * (text_feat_m @ image_m_cols.t() / temp).softmax(1) + (1 - alpha) * one_hot
         loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets_i2t).sum(1).mean()
         loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * targets_t2i).sum(1).mean()
     extras = {"sim_i2t": sim_i2t[:, :global_b].detach(), "sim_t2i": sim_t2i[:, :global_b].detach(),

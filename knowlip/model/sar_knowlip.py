@@ -167,7 +167,7 @@ class SarKnowLIP(nn.Module):
         text_feat = self.encode_text(input_ids, attention_mask)
         image_feat_m, text_feat_m = self.momentum_features(images, input_ids, attention_mask)
         loss_itc, sims = itc_loss(image_feat, text_feat, temp, image_feat_m, text_feat_m, self.image_queue.clone(),
-                                  self.text_queue.clone(), alpha, group)
+                                  self.text_queue.clone(), alpha, group, cfg.itc_columns)
         loss_itm, itm_acc = self._itm(image_embeds, input_ids, attention_mask, sims, group)
         loss_recon = self._reconstruction(image_embeds, rec_ids, rec_att, rec_kw)
         self._enqueue(image_feat_m, text_feat_m, group)
