@@ -333,41 +333,45 @@ def _check_choices(cfg: DictConfig) -> None:
                 raise ConfigError(f"bad value for '{key}': {v!r} is not one of {', '.join(allowed)}{extra}")
 
 
+AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+OFF_OR_POSITIVE = (lambda v: v >= 0, "0 (off) or positive")
+STEPS_OR_FRACTION = (lambda v: v >= 0 and (v < 1 or v == int(v)), "a whole number of steps or a fraction < 1")
+
 # key -> (predicate, what it must be); checked after merging, before anything runs.
 RANGES: dict[str, tuple] = {
-    "synth.num_scenes": (lambda v: v >= 1, "at least 1"),
+    "synth.num_scenes": AT_LEAST_1,
     "synth.size": (lambda v: v >= 8, "at least 8"),
-    "pack.chip.size": (lambda v: v >= 1, "at least 1"),
-    "pack.chip.stride": (lambda v: v >= 1, "at least 1"),
+    "pack.chip.size": AT_LEAST_1,
+    "pack.chip.stride": AT_LEAST_1,
     "pack.chip.min_valid_fraction": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
-    "pack.shard_max_samples": (lambda v: v >= 1, "at least 1"),
+    "pack.shard_max_samples": AT_LEAST_1,
     "pack.shard_max_bytes": (lambda v: v >= 1024, "at least 1024"),
-    "data.batch_size": (lambda v: v >= 1, "at least 1"),
+    "data.batch_size": AT_LEAST_1,
     "data.num_workers": (lambda v: v >= 0, "0 or more"),
-    "data.shuffle_block": (lambda v: v >= 1, "at least 1"),
+    "data.shuffle_block": AT_LEAST_1,
     "data.max_text_len": (lambda v: v >= 8, "at least 8"),
-    "data.prefetch_factor": (lambda v: v >= 1, "at least 1"),
+    "data.prefetch_factor": AT_LEAST_1,
     "model.in_channels": (lambda v: 1 <= v <= 8, "between 1 and 8"),
     "model.image_size": (lambda v: v >= 8, "at least 8"),
     "model.losses.momentum": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "model.losses.alpha": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "model.losses.other_mask_prob": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "model.losses.label_smoothing": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    "train.steps": (lambda v: v >= 1, "at least 1"),
+    "train.steps": AT_LEAST_1,
     "train.lr": (lambda v: v > 0, "positive"),
-    "train.warmup_steps": (lambda v: v >= 0 and (v < 1 or v == int(v)), "a whole number of steps or a fraction < 1"),
-    "train.alpha_ramp_steps": (lambda v: v >= 0 and (v < 1 or v == int(v)), "a whole number of steps or a fraction < 1"),
-    "train.log_every": (lambda v: v >= 1, "at least 1"),
-    "train.grad_clip": (lambda v: v >= 0, "0 (off) or positive"),
-    "train.max_nonfinite_in_a_row": (lambda v: v >= 1, "at least 1"),
+    "train.warmup_steps": STEPS_OR_FRACTION,
+    "train.alpha_ramp_steps": STEPS_OR_FRACTION,
+    "train.log_every": AT_LEAST_1,
+    "train.grad_clip": OFF_OR_POSITIVE,
+    "train.max_nonfinite_in_a_row": AT_LEAST_1,
     "dist.nproc_per_node": (lambda v: v == "auto" or (v.isdigit() and int(v) >= 1), "'auto' or a positive integer"),
     "dist.timeout_s": (lambda v: v >= 10, "at least 10"),
-    "ckpt.every": (lambda v: v >= 0, "0 (off) or positive"),
-    "ckpt.keep": (lambda v: v >= 1, "at least 1"),
+    "ckpt.every": OFF_OR_POSITIVE,
+    "ckpt.keep": AT_LEAST_1,
     "eval.every": (lambda v: v >= 0, "0 (only at the end) or positive"),
-    "eval.batch_size": (lambda v: v >= 1, "at least 1"),
-    "scio.samples_every": (lambda v: v >= 0, "0 (off) or positive"),
-    "scio.samples_per_write": (lambda v: v >= 1, "at least 1"),
+    "eval.batch_size": AT_LEAST_1,
+    "scio.samples_every": OFF_OR_POSITIVE,
+    "scio.samples_per_write": AT_LEAST_1,
 }
 
 
