@@ -153,15 +153,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from knowlip.eval.zero_shot import format_report, run_eval
-    from knowlip.launch.local import init_plain_process_group, rank_env
+    from knowlip.launch.local import init_plain_process_group, rank_env, resolve_device
     from knowlip.text.tokenizer import CaptionTokenizer
     from knowlip.train.export import load_model
 
     renv = rank_env()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", renv.local_rank if renv else 0) if cuda else torch.device("cpu")
+    device = resolve_device("auto", renv.local_rank if renv else 0)
     if renv is not None and renv.world_size > 1:
-        init_plain_process_group(renv, "nccl" if cuda else "gloo")
+        init_plain_process_group(renv, "nccl" if device.type == "cuda" else "gloo")
     model, tokenizer, cfg = load_model(args.source, device)
     text = CaptionTokenizer(tokenizer, cfg.data.max_text_len)
     result = run_eval(model, args.shards, text, cfg.norm, device, torch.float32, args.batch_size, args.fields)

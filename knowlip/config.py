@@ -7,6 +7,7 @@ a likely typo, the closest valid key; a value of the wrong type fails with its p
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 from dataclasses import dataclass, field
@@ -423,16 +424,38 @@ def schedule_steps(value: float, total_steps: int) -> int:
     return round(value * total_steps) if 0 < value < 1 else int(value)
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """A short hash of what determines the training run (not where or how long it runs, nor how it resumes)."""
-    import hashlib
-
-    plain = OmegaConf.to_container(cfg, resolve=True)
+def run_identity(cfg: DictConfig | dict) -> dict:
+    """The config as a plain dict, less what may change between a run and its resume (how many ranks, where it
+    resumes from, where it stops, the progress bar)."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(cfg)
     for key in ("resume", "dist"):
         plain.pop(key, None)
     plain["train"].pop("stop_at", None)
     plain["train"].pop("progress", None)
-    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+    return plain
+
+
+def config_hash(cfg: DictConfig | dict) -> str:
+    """A short hash of what determines the training run (`run_identity`)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(run_identity(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_changes(old: DictConfig | dict, new: DictConfig | dict) -> list[str]:
+    """'key: old -> new' for every difference between two configs' run identities."""
+    return _changes(run_identity(old), run_identity(new))
+
+
+def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 def _first_line(exc: Exception) -> str:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from knowlip.data.loader import StreamingLoader
 from knowlip.eval.metrics import classification_metrics, retrieval_metrics
-from knowlip.ops.sar_norm import batch_params, sar_normalize
+from knowlip.ops.sar_norm import normalise_batch
 from knowlip.text.caption import FIELDS, CaptionError, clause_text, parse_caption
 
 DEFAULT_FIELDS = ("water", "terrain")
@@ -43,8 +43,7 @@ def embed(model, loader: StreamingLoader, norm_cfg, device: torch.device, dtype:
     images, texts, clauses = [], [], []
     try:
         for batch in loader:
-            chips = batch["chips"].to(device)
-            pixels = sar_normalize(chips, batch_params(norm_cfg, batch))[0].to(dtype)
+            pixels = normalise_batch(batch, norm_cfg, device, dtype)
             images.append(model.encode_image(pixels)[1].float().cpu())
             ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             texts.append(model.encode_text(ids, att).float().cpu())
@@ -89,7 +88,8 @@ def class_prompts(model, text_tokenizer, clauses: list[dict[str, str]], field: s
 
 def run_eval(model, shards, text_tokenizer, norm_cfg, device, dtype, batch_size: int = 64,
              fields=DEFAULT_FIELDS) -> dict:
-    """Embed the shards over this job's ranks, gather, evaluate (the same result on every rank)."""
+    """Embed the shards (a folder or a loaded ShardIndex) over this job's ranks, gather, evaluate (the same result
+    on every rank)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     loader = eval_loader(shards, batch_size, text_tokenizer, rank, world)
     return evaluate(model, gather(embed(model, loader, norm_cfg, device, dtype)), text_tokenizer, device, fields)

@@ -75,6 +75,17 @@ def init_plain_process_group(renv: RankEnv, backend: str) -> None:
     dist.init_process_group(backend, init_method="env://", rank=renv.rank, world_size=renv.world_size)
 
 
+def resolve_device(name: str = "auto", local_rank: int = 0) -> "torch.device":
+    """train.device (auto | cpu | cuda) for the local rank: its own GPU when there is one."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
 def local_rank_count(setting: str) -> int:
     """dist.nproc_per_node: a number, or auto (one per visible GPU, 2 on a CPU-only machine)."""
     if setting != "auto":

@@ -139,20 +139,17 @@ class SarKnowLIP(nn.Module):
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 keyword_mask: torch.Tensor, alpha: float | None = None, group=None,
-                recon_ids: torch.Tensor | None = None, recon_attention_mask: torch.Tensor | None = None,
-                recon_keyword_mask: torch.Tensor | None = None, scio: ScioBatch | None = None) -> dict:
-        """All three losses for one batch. `recon_*` give another caption as the reconstruction target. `scio`
-        (phases 2 and 3) screens the captions first: phase 2 reconstructs the filtered caption, phase 3 repairs
-        the flagged clause and trains all three losses on the repaired caption; out["scio"] says what it did."""
+                scio: ScioBatch | None = None) -> dict:
+        """All three losses for one batch. `scio` (phases 2 and 3) screens the captions first: phase 2
+        reconstructs the filtered caption, phase 3 repairs the flagged clause and trains all three losses on the
+        repaired caption; out["scio"] says what it did."""
         cfg = self.loss_cfg
         alpha = cfg.alpha if alpha is None else alpha
         with torch.no_grad():  # in place, as BLIP: a clamp in the graph would zero the gradient out of range
             self.temp.clamp_(cfg.temp_min, cfg.temp_max)
         temp = self.temp
         image_embeds, image_feat = self.encode_image(images)
-        rec_ids = input_ids if recon_ids is None else recon_ids
-        rec_att = attention_mask if recon_attention_mask is None else recon_attention_mask
-        rec_kw = keyword_mask if recon_keyword_mask is None else recon_keyword_mask
+        rec_ids, rec_att, rec_kw = input_ids, attention_mask, keyword_mask  # the reconstruction target
         scio_out = None
         if scio is not None:
             scio_out = self._scio(image_embeds, image_feat, input_ids, attention_mask, scio)

@@ -237,3 +237,11 @@ def batch_params(norm_cfg, batch: dict) -> NormParams:
     """NormParams for a loader batch (its chips share product and polarisations: the loader checks that)."""
     meta = batch["meta"][0]
     return params_from_config(norm_cfg, meta["polarisations"], meta["product"], meta.get("calibration_gain"))
+
+
+def normalise_batch(batch: dict, norm_cfg, device, dtype: torch.dtype,
+                    params: NormParams | None = None) -> torch.Tensor:
+    """A loader batch's raw chips -> normalised images on `device` (never on the CPU when the device is a GPU);
+    `params` default to the batch's own (batch_params)."""
+    chips = batch["chips"].to(device, non_blocking=True)
+    return sar_normalize(chips, params or batch_params(norm_cfg, batch))[0].to(dtype)

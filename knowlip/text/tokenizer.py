@@ -89,9 +89,19 @@ class CaptionTokenizer:
         out = {"input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.long),
                "attention_mask": torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)}
         if spans is not None:
-            offsets = torch.tensor([e.offsets for e in encodings], dtype=torch.long)
-            out["keyword_mask"] = keyword_mask(offsets, out["attention_mask"], spans)
+            out["keyword_mask"] = keyword_mask(_offsets(encodings), out["attention_mask"], spans)
         return out
+
+    def span_masks(self, texts: Sequence[str], span_groups: Sequence[Sequence[Sequence]]) -> torch.Tensor:
+        """(B, G, L): one keyword mask per group of spans (e.g. one group per clause), the texts encoded once."""
+        encodings = self._fast.encode_batch(list(texts))
+        attention = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+        offsets = _offsets(encodings)
+        return torch.stack([keyword_mask(offsets, attention, spans) for spans in span_groups], dim=1)
+
+
+def _offsets(encodings) -> torch.Tensor:
+    return torch.tensor([e.offsets for e in encodings], dtype=torch.long)
 
 
 def keyword_mask(offsets: torch.Tensor, attention: torch.Tensor, spans: Sequence[Sequence]) -> torch.Tensor:

@@ -48,7 +48,7 @@ class CheckpointInfo:
     step: int
     complete: bool
     time: float | None
-    bytes: int
+    bytes: int  # as saved (a later universal/ conversion is not counted)
     world_size: int | None
     engine: str | None
 
@@ -77,8 +77,11 @@ def list_checkpoints(root: Path) -> list[CheckpointInfo]:
         if not digits.isdigit():
             continue
         meta = None if path.name.endswith(PARTIAL) else read_meta(path)
-        out.append(CheckpointInfo(path, int(digits), meta is not None, meta and meta.get("time"),
-                                  folder_bytes(path), meta and meta.get("world_size"), meta and meta.get("engine")))
+        if meta is None:  # a partial folder: walk it (a complete one has its size in meta.json)
+            out.append(CheckpointInfo(path, int(digits), False, None, folder_bytes(path), None, None))
+        else:
+            out.append(CheckpointInfo(path, int(digits), True, meta["time"], meta["bytes"], meta["world_size"],
+                                      meta["engine"]))
     return sorted(out, key=lambda c: (c.step, c.complete))
 
 

@@ -269,14 +269,16 @@ class ZeroEngine(_DistMixin):
     def _clamp_temperature_master(self) -> None:
         """The model clamps its temperature in place in forward, as BLIP does; under ZeRO-3 that reaches only the
         working copy, so the optimiser's fp32 master is clamped here too (else it would drift past the bound and
-        take as many steps to come back). A one-element gather per step."""
+        take as many steps to come back). The check reads the full copy ZeRO-3 keeps of this one-element (so
+        persistent) parameter, the same on every rank: no collective unless the parameter was partitioned. In
+        bf16 that copy is the master rounded, so the master may pass the bound by half a bf16 step at most."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
         temp, cfg = self.module.temp, self.module.loss_cfg
-        value = safe_get_full_fp32_param(temp)
+        value = temp.data.float() if _is_persistent(temp) else safe_get_full_fp32_param(temp)
         clamped = value.clamp(cfg.temp_min, cfg.temp_max)
         if not torch.equal(value, clamped):
-            safe_set_full_fp32_param(temp, clamped)
+            safe_set_full_fp32_param(temp, clamped)  # every rank writes its own slice of the master
 
     def skip_step(self) -> None:
         """Drop whatever this step accumulated (a non-finite loss on some rank)."""
@@ -330,7 +332,7 @@ class ZeroEngine(_DistMixin):
         """Every rank writes its own slice of the full weights (read from the shared checkpoint folder)."""
         names = {id(pm): n for n, pm in _momentum_named(self.module)}
         self._build_ema_state()
-        for i, (p, pm, part32, full32) in enumerate(self._ema):
+        for p, pm, part32, full32 in self._ema:
             full = state[names[id(pm)]].float().reshape(-1)
             size = pm.ds_tensor.numel()
             chunk = torch.zeros(size, dtype=torch.float32)

@@ -75,12 +75,12 @@ def load_model(source: str | Path, device: str | torch.device = "cpu"):
         model, tokenizer = load_exported(source, device)
         return model, tokenizer, load_config(source / "config.yaml")
     path = ckpt.resolve_checkpoint(source)
-    model, tokenizer = _build(path, device)
+    model, tokenizer = _build(path)
     model.load_state_dict(consolidated_state_dict(path))
     return model.to(device).eval(), tokenizer, load_config(path / "config.yaml")
 
 
-def _build(folder: Path, device):
+def _build(folder: Path):
     from knowlip.config import load_config
     from knowlip.model.build import build_model
     from knowlip.text.tokenizer import load_tokenizer
@@ -95,7 +95,7 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu"):
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    model, tokenizer = _build(folder, device)
+    model, tokenizer = _build(folder)
     state = load_file(str(folder / WEIGHTS))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.to(device).eval(), tokenizer

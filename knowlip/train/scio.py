@@ -51,9 +51,9 @@ def prepare(captions: list[str], text_tokenizer, phase: int) -> tuple[ScioBatch,
     encoded = text_tokenizer(texts, spans)
     b, k = len(captions), len(FIELDS)
     shape = lambda t: t.view(b, k, -1)
-    field_masks = torch.stack([
-        text_tokenizer(captions, [[s for s in cap.keyword_spans() if s[0] == f] if cap else [] for cap in parsed])
-        ["keyword_mask"] for f in FIELDS], dim=1)
+    spans_by_field = [[[s for s in cap.keyword_spans() if s[0] == f] if cap else [] for cap in parsed]
+                      for f in FIELDS]
+    field_masks = text_tokenizer.span_masks(captions, spans_by_field)
     batch = ScioBatch(phase, shape(encoded["input_ids"]), shape(encoded["attention_mask"]),
                       shape(encoded["keyword_mask"]), field_masks, torch.tensor(valid).view(b, k))
     return batch, [texts[i * k:(i + 1) * k] for i in range(b)]

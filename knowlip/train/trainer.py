@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,15 +22,15 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from knowlip.config import accumulation_steps, config_hash, schedule_steps, to_yaml
+from knowlip.config import accumulation_steps, config_changes, config_hash, schedule_steps, to_yaml
 from knowlip.data.loader import StreamingLoader, build_loader
 from knowlip.data.shards import ShardIndex, load_index
 from knowlip.eval.zero_shot import run_eval, scalars
-from knowlip.launch.local import RankEnv, free_port
+from knowlip.launch.local import RankEnv, free_port, resolve_device
 from knowlip.launch.signals import StopRequest
 from knowlip.model.build import build_model
 from knowlip.model.flops import training_flops_per_sample
-from knowlip.ops.sar_norm import batch_params, sar_normalize
+from knowlip.ops.sar_norm import batch_params, normalise_batch
 from knowlip.text.tokenizer import CaptionTokenizer, load_tokenizer, train_wordpiece
 from knowlip.train import checkpoint as ckpt
 from knowlip.train import scio
@@ -45,14 +47,6 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); a checkpoint was saved first."""
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -143,6 +137,7 @@ class Trainer:
         check_deepspeed_section(OmegaConf.to_container(cfg.deepspeed, resolve=True))
         self.index = load_index(cfg.data.shards)  # read once: index.json holds every sample's offset
         check_data_fits(cfg, self.index, renv.world_size)
+        self.eval_index = load_index(cfg.eval.shards) if cfg.eval.shards else None  # a bad path fails now
         self.device = resolve_device(cfg.train.device, renv.local_rank)
         if self.device.type == "cpu" and renv.local_world_size > 1:
             torch.set_num_threads(max(1, torch.get_num_threads() // renv.local_world_size))
@@ -215,11 +210,9 @@ class Trainer:
 
     def normalise(self, batch: dict) -> torch.Tensor:
         """Raw chips -> normalised images, on the training device (never on the CPU when training on a GPU)."""
-        chips = batch["chips"].to(self.device, non_blocking=True)
         if self.norm_params is None:
             self.norm_params = batch_params(self.cfg.norm, batch)
-        images, _ = sar_normalize(chips, self.norm_params)
-        return images.to(self.engine.compute_dtype)
+        return normalise_batch(batch, self.cfg.norm, self.device, self.engine.compute_dtype, self.norm_params)
 
     def lr_at(self, step: int) -> float:
         t = self.cfg.train
@@ -249,13 +242,15 @@ class Trainer:
             ids, att, kw = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "keyword_mask"))
             screen, variants = scio.prepare(batch["captions"], self.text, phase) if phase > 1 else (None, None)
             out = self.engine.forward(images, ids, att, kw, alpha=self.alpha_at(self.step),
-                                      scio=screen.to(self.device) if screen else None)
+                                      scio=screen.to(self.device) if screen is not None else None)
             if "scio" in out:
                 self._scio_record(batch, variants, out.pop("scio"), phase)
-            nonfinite = not bool(torch.isfinite(out["loss"]).item()) or self._nan_injected()
+            # test hook KNOWLIP_FAULT_NAN_STEPS: the last rank sees a non-finite loss at those steps
+            injected = self.rank == self.world_size - 1 and _fault_at("nan_steps", self.step + 1)
+            nonfinite = not bool(torch.isfinite(out["loss"]).item()) or injected
             stop, bad = self.engine.all_reduce_max([float(self.stop.requested), float(nonfinite)])
-            if stop:
-                self.stop.request(self.stop.signum or 10)
+            if stop and not self.stop.requested:
+                self.stop.request()  # another rank got the signal
             if bad or skip:
                 skip = True
                 continue
@@ -280,16 +275,6 @@ class Trainer:
             scio.write_samples(self.run_dir / "scio_samples.jsonl", step, phase, batch["keys"], batch["captions"],
                                variants, out, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
                                self.cfg.scio.samples_per_write)
-
-    def _nan_injected(self) -> bool:
-        """Test hook KNOWLIP_FAULT_NAN_STEPS=a-b: the last rank sees a non-finite loss at steps a..b (1-based)."""
-        import os
-
-        spec = os.environ.get("KNOWLIP_FAULT_NAN_STEPS")
-        if not spec or self.rank != self.world_size - 1:
-            return False
-        lo, _, hi = spec.partition("-")
-        return int(lo) <= self.step + 1 <= int(hi or lo)
 
     def train(self, until: int | None = None) -> dict:
         """Train to train.steps, or stop earlier (train.stop_at, `until`, a signal) with a checkpoint.
@@ -338,10 +323,11 @@ class Trainer:
     def evaluate_if_due(self) -> dict[str, float]:
         """Zero-shot evaluation on eval.shards every eval.every steps and at the end (all ranks take part)."""
         e = self.cfg.eval
-        if not e.shards or not ((e.every and self.step % e.every == 0) or self.step == self.cfg.train.steps):
+        due = (e.every and self.step % e.every == 0) or self.step == self.cfg.train.steps
+        if self.eval_index is None or not due:
             return {}
-        result = run_eval(self.model, e.shards, self.text, self.cfg.norm, self.device, self.engine.compute_dtype,
-                          e.batch_size, tuple(e.fields))
+        result = run_eval(self.model, self.eval_index, self.text, self.cfg.norm, self.device,
+                          self.engine.compute_dtype, e.batch_size, tuple(e.fields))
         return scalars(result)
 
     def _row(self, values: dict[str, float], throughput: dict) -> dict:
@@ -363,7 +349,7 @@ class Trainer:
 
     def client_state(self) -> dict:
         """What the engine's own files do not hold (or a universal checkpoint would drop)."""
-        return {"step": self.step, "epoch": self.loader.epoch, "loader": self.loader.state_dict(),
+        return {"step": self.step, "loader": self.loader.state_dict(),
                 "buffers": {k: v.detach().cpu() for k, v in self.model.named_buffers()},
                 "nonfinite_skipped": self.nonfinite_skipped, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "config": OmegaConf.to_container(self.cfg, resolve=True), "config_hash": config_hash(self.cfg),
@@ -379,10 +365,7 @@ class Trainer:
         barrier()
         self.engine.save(partial)
         torch.save(rng_state(), ckpt.rng_file(partial, self.rank))
-        if _fault("kill_in_save") == self.step and self.rank == self.world_size - 1:
-            import os
-            import signal
-
+        if self.rank == self.world_size - 1 and _fault_at("kill_in_save", self.step):
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: a rank dies with its files half written
         momentum = self.engine.momentum_state()  # a collective: every rank takes part
         if self.rank == 0:
@@ -418,7 +401,7 @@ class Trainer:
         else:
             seed_rank(self.cfg.seed, self.rank, self.step)
         if state["config_hash"] != config_hash(self.cfg) and self.rank == 0:
-            changed = _config_changes(state["config"], OmegaConf.to_container(self.cfg, resolve=True))
+            changed = config_changes(state["config"], self.cfg)
             log.warning("resuming %s with a changed config: %s", path, ", ".join(changed) or "(hash only)")
         if self.rank == 0:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
@@ -427,23 +410,14 @@ class Trainer:
         self.resumed_from = path
 
 
-def _fault(name: str) -> int | None:
-    """Test hooks (KNOWLIP_FAULT_<NAME>=<step>): faults that cannot be produced from outside on cue."""
-    import os
-
-    value = os.environ.get(f"KNOWLIP_FAULT_{name.upper()}")
-    return int(value) if value else None
-
-
-def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_changes(a, b, f"{prefix}{key}.")
-        elif a != b and f"{prefix}{key}" not in ("resume", "train.stop_at") and not key.startswith("dist"):
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
+def _fault_at(name: str, step: int) -> bool:
+    """Test hooks, KNOWLIP_FAULT_<NAME>=a or a-b: inject a fault that cannot be produced from outside on cue at
+    these (1-based) steps."""
+    spec = os.environ.get(f"KNOWLIP_FAULT_{name.upper()}")
+    if not spec:
+        return False
+    lo, _, hi = spec.partition("-")
+    return int(lo) <= step <= int(hi or lo)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
