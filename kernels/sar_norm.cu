@@ -3,7 +3,7 @@
 // Pure CUDA (no torch headers) so that it compiles anywhere nvcc does; the torch binding is
 // sar_norm_binding.cpp. Semantics are those of knowlip.ops.sar_norm.reference (the oracle):
 //   intensity I from the raw value (by input type and per-channel product kind),
-//   valid = finite, not nodata, I > 0 (dB input: finite and not nodata),
+//   valid = finite, not nodata, I > 0 (dB input: finite and not nodata; complex: nodata when both parts are),
 //   dB = 10 log10 I, clipped to [lo, hi] per channel,
 //   out = (dB - lo) / (hi - lo)                    (mode 0, "scale")
 //       = (dB - mean) / std                        (mode 1, "standardise")
@@ -32,23 +32,27 @@ KNOWLIP_HD float db_of(float x, int kind, float, const SarNormArgs& a, bool& val
   return kind == P_AMPLITUDE ? 20.0f * l : 10.0f * l;
 }
 
-KNOWLIP_HD float db_of(float2 z, int, float, const SarNormArgs&, bool& valid) {
+KNOWLIP_HD bool complex_nodata(float re, float im, const SarNormArgs& a) {
+  return a.has_nodata && re == a.nodata && im == a.nodata;
+}
+
+KNOWLIP_HD float db_of(float2 z, int, float, const SarNormArgs& a, bool& valid) {
   float i = z.x * z.x + z.y * z.y;
-  valid = isfinite(i) && i > 0.0f;
+  valid = isfinite(i) && i > 0.0f && !complex_nodata(z.x, z.y, a);
   return 10.0f * log10f(i);
 }
 
-KNOWLIP_HD float db_of(short2 z, int, float, const SarNormArgs&, bool& valid) {
+KNOWLIP_HD float db_of(short2 z, int, float, const SarNormArgs& a, bool& valid) {
   float re = static_cast<float>(z.x), im = static_cast<float>(z.y);
   float i = re * re + im * im;
-  valid = i > 0.0f;
+  valid = i > 0.0f && !complex_nodata(re, im, a);
   return 10.0f * log10f(i);
 }
 
 KNOWLIP_HD float db_of(unsigned short d, int, float gain, const SarNormArgs& a, bool& valid) {
   float f = static_cast<float>(d);
   float i = gain * f * f;
-  valid = i > 0.0f && !(a.has_nodata && f == a.nodata);
+  valid = isfinite(i) && i > 0.0f && !(a.has_nodata && f == a.nodata);
   return 10.0f * log10f(i);
 }
 

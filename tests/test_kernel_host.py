@@ -108,3 +108,17 @@ def test_forced_scalar_path_agrees_with_vector_path(harness, tmp_path):
     sca = run_kernel_code(harness, tmp_path, x, p, force_scalar=True)
     assert vec[2] == "vector" and sca[2] == "scalar"
     assert torch.equal(vec[0], sca[0]) and torch.equal(vec[1], sca[1])
+
+
+@pytest.mark.parametrize("odd", [False, True])
+def test_invalid_pixel_matrix_on_the_kernel_code(harness, tmp_path, odd):
+    """The invalid-pixel matrix (every input kind x NaN / inf / nodata / zero / negative) through the kernel's
+    own per-vector code: the mask the rules give, and the same values as the reference."""
+    from knowlip.ops.sar_cases import invalid_pixel_matrix
+
+    for case in invalid_pixel_matrix(odd=odd):
+        out, mask, used = run_kernel_code(harness, tmp_path, case.x, case.params)
+        assert used == ("scalar" if odd else "vector"), case.name
+        assert torch.equal(mask, case.expected_valid), case.name
+        ref, _ = reference(case.x, case.params)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, msg=case.name)

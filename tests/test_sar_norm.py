@@ -156,3 +156,20 @@ def test_kernel_matches_reference_on_gpu():
     ref, ref_valid = reference(x.cpu(), p)
     assert torch.equal(valid.cpu(), ref_valid)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("odd", [False, True])
+def test_invalid_pixel_matrix_on_the_reference(odd):
+    """Every input kind x NaN / inf / nodata / zero / negative: the mask the rules of sar_cases give, the fill
+    value exactly where invalid, finite everywhere."""
+    from knowlip.ops.sar_cases import invalid_pixel_matrix
+
+    cases = invalid_pixel_matrix(odd=odd)
+    kinds = {c.name.split("/")[0] for c in cases}
+    assert kinds == {"float32_intensity", "float32_amplitude", "float32_db", "complex64", "float32_pairs",
+                     "int16_pairs", "uint16_dn"}
+    for case in cases:
+        out, valid = reference(case.x, case.params)
+        assert torch.equal(valid, case.expected_valid), case.name
+        assert torch.isfinite(out).all(), case.name
+        assert (out[~valid] == case.params.fill).all() and (out[valid] != case.params.fill).all(), case.name

@@ -6,7 +6,9 @@ or when the kernel cannot be built, it runs `reference`, plain vectorised torch 
 
 Input layouts (B, C, H, W): float32 with a per-channel product kind (intensity, amplitude or dB),
 complex64, uint16 digital numbers (intensity = gain * dn**2), or (B, C, H, W, 2) interleaved int16 / float32
-complex pairs. Invalid pixels (NaN, inf, nodata, non-positive intensity) get `fill` and mask False.
+complex pairs. Invalid pixels get `fill` and mask False: NaN or inf (in either part of a complex pixel),
+nodata (a complex pixel when both parts equal it), non-positive intensity (zero and negative dB are ordinary
+values). knowlip.ops.sar_cases spells these rules out per input kind.
 """
 
 from __future__ import annotations
@@ -136,11 +138,12 @@ def reference(x: torch.Tensor, p: NormParams) -> tuple[torch.Tensor, torch.Tenso
         intensity = re * re + im * im
         db = 10.0 * torch.log10(intensity)
         valid = torch.isfinite(intensity) & (intensity > 0)
+        nodata_hit = (re == p.nodata) & (im == p.nodata) if p.nodata is not None else None
     elif kind == IN_UINT16:
         dn = x.to(torch.int32).float()
         intensity = per_channel(p.gains()) * dn * dn
         db = 10.0 * torch.log10(intensity)
-        valid = intensity > 0
+        valid = torch.isfinite(intensity) & (intensity > 0)
         nodata_hit = dn == p.nodata if p.nodata is not None else None
     else:
         codes = per_channel([PRODUCT_CODES[prod] for prod in p.products])
