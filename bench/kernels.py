@@ -1,7 +1,8 @@
 """Fused SAR normalisation kernel: correctness against the CPU reference, then timing on the GPU.
 
 One script for a GPU session (H100/H200):
-  1. correctness: every input kind (float32 intensity/amplitude/dB, complex64, int16 pairs, float32 pairs,
+  1. correctness: the invalid-pixel matrix (knowlip.ops.sar_cases: every input kind x NaN / inf / nodata /
+     zero / negative, vector and scalar path), every input kind (float32 intensity/amplitude/dB, complex64, int16 pairs, float32 pairs,
      uint16 DN), float32 and bf16 outputs, odd sizes (scalar path) and aligned sizes (vector path), and the
      real Sentinel-1 scenes; outputs are poisoned with NaN first so unwritten elements show;
   2. timing with CUDA events: the kernel vs (a) the same pipeline in eager torch on the GPU and (b) a
@@ -23,7 +24,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from knowlip.ops.sar_cases import invalid_pixel_matrix  # noqa: E402
 from knowlip.ops.sar_norm import NormParams, kernel_available, reference, sar_normalize  # noqa: E402
+
+_OUT_FILE: Path | None = None
+
+
+def emit(row: dict) -> None:
+    """One JSON line on stdout, and in --out when given."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if _OUT_FILE is not None:
+        with _OUT_FILE.open("a") as f:
+            f.write(line + "\n")
 
 VV, VH = (-25.0, 0.0), (-32.5, 0.0)
 
@@ -77,8 +90,28 @@ def check(name, x, p, out_dtype, results):
         ok_val = bool(((got.float() - ref32).abs() <= ref32.abs() * 2**-8 + 1e-6).all())
     ok = ok_mask and ok_nan and ok_val
     results.append(ok)
-    print(json.dumps({"check": name, "shape": list(x.shape), "out": str(out_dtype).split(".")[-1], "ok": ok,
-                      "mask_equal": ok_mask, "no_nan": ok_nan, "max_err": err}))
+    emit({"check": name, "shape": list(x.shape), "out": str(out_dtype).split(".")[-1], "ok": ok,
+          "mask_equal": ok_mask, "no_nan": ok_nan, "max_err": err})
+
+
+def check_invalid_pixels(device, results) -> None:
+    """The invalid-pixel matrix on the launched kernel: its mask must be the hand-written one."""
+    failed = []
+    for odd in (False, True):
+        for out_dtype in (torch.float32, torch.bfloat16):
+            for case in invalid_pixel_matrix(odd=odd, out_dtype=out_dtype):
+                x = case.x.to(device)
+                out = torch.full(x.shape[:4], float("nan"), dtype=out_dtype, device=device)
+                mask = torch.ones(x.shape[:4], dtype=torch.bool, device=device)
+                sar_normalize(x, case.params, out=out, mask=mask)
+                ref, _ = reference(case.x, case.params)
+                tol = 1e-6 if out_dtype == torch.float32 else 2**-7  # log10f may differ from torch's by an ulp
+                ok = torch.equal(mask.cpu(), case.expected_valid) and torch.allclose(
+                    out.cpu().float(), ref.float(), rtol=tol, atol=1e-6)
+                results.append(ok)
+                if not ok:
+                    failed.append(f"{case.name}{'/odd' if odd else ''}/{str(out_dtype).split('.')[-1]}")
+    emit({"check": "invalid_pixel_matrix", "ok": not failed, "failed": failed})
 
 
 SCENES_NPY = Path(__file__).resolve().parent / "sentinel1_db.npy"  # made by --export-scenes, not committed
@@ -102,8 +135,8 @@ def read_real_scenes_db() -> np.ndarray | None:
 def real_scene_inputs(device):
     db_np = read_real_scenes_db()
     if db_np is None:
-        print(json.dumps({"check": "real_scenes", "skipped": f"no rasterio and no {SCENES_NPY.name}; run "
-                          "`python bench/kernels.py --export-scenes` where rasterio is installed"}))
+        emit({"check": "real_scenes", "skipped": f"no rasterio and no {SCENES_NPY.name}; run "
+                          "`python bench/kernels.py --export-scenes` where rasterio is installed"})
         return []
     db = torch.from_numpy(np.ascontiguousarray(db_np))
     intensity = torch.where(db == -99.0, torch.zeros_like(db), 10.0 ** (db.double() / 10.0)).float()
@@ -158,7 +191,7 @@ def timings(device, sizes_mb, out_dtype):
                "copy_GBps": round(copy_bw, 1), "bw_vs_copy": round(kernel_bw / copy_bw, 3),
                "speedup_vs_eager": round(t_eager / t_kernel, 2)}
         rows.append(row)
-        print(json.dumps(row))
+        emit(row)
     return rows
 
 
@@ -168,7 +201,10 @@ def main() -> int:
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--export-scenes", action="store_true",
                         help=f"write the real scenes to {SCENES_NPY.name} (for machines without rasterio) and exit")
+    parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     args = parser.parse_args()
+    global _OUT_FILE
+    _OUT_FILE = args.out
     if args.export_scenes:
         scenes = read_real_scenes_db()
         if scenes is None:
@@ -182,12 +218,13 @@ def main() -> int:
         print("no CUDA device here: run this on a GPU machine (or --device cpu for a smoke test)")
         return 0
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (reference only)"
-    print(json.dumps({"device": name, "torch": torch.__version__, "kernel": kernel_available()}))
+    emit({"device": name, "torch": torch.__version__, "kernel": kernel_available()})
     if device.type == "cuda" and not kernel_available():
         print("the fused kernel did not build: see the warning above")
         return 1
     gen = torch.Generator().manual_seed(0)
     results: list[bool] = []
+    check_invalid_pixels(device, results)
     for shape in [(2, 2, 64, 64), (3, 1, 37, 53)]:  # vector path, and scalar path (H*W odd)
         for label, x, p in random_inputs(shape, device, gen):
             for out_dtype in (torch.float32, torch.bfloat16):
@@ -200,7 +237,7 @@ def main() -> int:
     summary = {"device": name, "checks_passed": sum(results), "checks": len(results),
                "min_bw_vs_copy_ge64MB": min((r["bw_vs_copy"] for r in big), default=None),
                "min_speedup_vs_eager": min(r["speedup_vs_eager"] for r in rows)}
-    print(json.dumps({"summary": summary}))
+    emit({"summary": summary})
     return 0 if all(results) else 1
 
 

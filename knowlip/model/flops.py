@@ -9,7 +9,12 @@ needs no gradient); the momentum encoders run forward only.
 
 from __future__ import annotations
 
+import torch
+
 from knowlip.model.dims import ModelDims
+
+# Dense bf16 tensor-core peaks from the datasheets (FLOP/s), matched against the device name in this order.
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 
 
 def _linear(n_tokens: int, d_in: int, d_out: int) -> int:
@@ -66,3 +71,11 @@ def training_flops_per_sample(dims: ModelDims, vocab: int, image_size: int, text
 def inference_flops_per_image(dims: ModelDims, image_size: int, channels: int = 1) -> int:
     patch, vision = vision_forward_flops(dims, image_size, channels)
     return patch + vision
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The spec bf16 peak of this GPU (None on CPU or an unknown card): the MFU denominator."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS if k in name), None)

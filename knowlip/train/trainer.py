@@ -29,7 +29,7 @@ from knowlip.eval.zero_shot import run_eval, scalars
 from knowlip.launch.local import RankEnv, free_port, resolve_device
 from knowlip.launch.signals import StopRequest
 from knowlip.model.build import build_model
-from knowlip.model.flops import training_flops_per_sample
+from knowlip.model.flops import peak_flops, training_flops_per_sample
 from knowlip.ops.sar_norm import batch_params, normalise_batch
 from knowlip.text.tokenizer import CaptionTokenizer, load_tokenizer, train_wordpiece
 from knowlip.train import checkpoint as ckpt
@@ -42,18 +42,8 @@ from knowlip.train.schedule import alpha_at, lr_at
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s by device name, for MFU (anchors.md); unknown devices report no MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
 class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); a checkpoint was saved first."""
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def shard_captions(index: ShardIndex) -> list[str]:
