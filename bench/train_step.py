@@ -88,10 +88,11 @@ def device_name(device: torch.device) -> str:
 
 
 def build(engine_name: str, size: str, image_size: int, batch: int, text_len: int, device: torch.device,
-          bf16: bool, compile_blocks: bool = False):
+          bf16: bool, compile_blocks: bool = False, overrides: tuple[str, ...] = ()):
     """(engine, dims, vocab) of a fresh model, built as the trainer builds it."""
     cfg = load_config(None, [f"train.engine={engine_name}", f"model.size={size}", f"model.image_size={image_size}",
-                             f"data.batch_size={batch}", f"data.max_text_len={text_len}", "train.grad_clip=1.0"])
+                             f"data.batch_size={batch}", f"data.max_text_len={text_len}", "train.grad_clip=1.0",
+                             *overrides])
     torch.manual_seed(0)
     dims = preset(size, image_size=image_size)
     vocab = VOCAB[size]
@@ -218,14 +219,16 @@ def gpu_group(spec: dict) -> None:
     batches = spec.get("batches") or {}
     first = batches.get("off") or candidates[0]
     t0 = time.perf_counter()
-    engine, dims, vocab = build(engine_name, size, image, first, text_len, device, True, spec["compile"])
+    overrides = tuple(spec.get("overrides") or ())
+    engine, dims, vocab = build(engine_name, size, image, first, text_len, device, True, spec["compile"], overrides)
     build_s = time.perf_counter() - t0
     model = engine.module
-    for ac in (False, True):
+    for ac in [ac for ac in (False, True) if spec.get("ac", "both") in ("both", "on" if ac else "off")]:
         key = "on" if ac else "off"
         model.vision.activation_checkpointing = model.text.activation_checkpointing = ac
         row = {"bench": "train_step", "engine": engine_name, "preset": size, "image_size": image,
                "text_len": text_len, "precision": "bf16", "compile": spec["compile"], "activation_checkpointing": ac,
+               "overrides": list(overrides),
                "device": device_name(device), "torch": torch.__version__}
         t0 = time.perf_counter()
         if spec.get("search"):  # upward from the last batch that fitted (checkpointing only lowers memory)
@@ -284,17 +287,20 @@ def gpu_driver(args) -> int:
     emit(rows[-1], args.out)
     if not dry:
         torch.cuda.empty_cache()
-    batches: dict[int, dict] = {}
+    batches: dict[int, dict] = {int(k): {"off": int(v), "on": int(v)} for k, v in
+                                (item.split(":") for item in args.batches.split(",") if item)}
     for engine_name, image, compiled in GPU_PLAN:
-        if compiled and args.eager_only:
+        if (compiled and args.eager_only) or (args.groups and
+                                              f"{engine_name}/{image}/{'compile' if compiled else 'eager'}"
+                                              not in args.groups.split(",")):
             continue
         left = deadline - time.monotonic()
         label = f"{engine_name}/{image}px/{'compile' if compiled else 'eager'}"
         if left < 45:
             emit({"bench": "train_step", "group": label, "skipped": f"{left:.0f} s left of --budget-s"}, args.out)
             continue
-        search = engine_name == "plain" and not compiled
-        spec = {"engine": engine_name, "image_size": image, "text_len": args.text_len, "compile": compiled,
+        search = engine_name == "plain" and not compiled and image not in batches
+        spec = {"ac": args.ac, "overrides": args.override,"engine": engine_name, "image_size": image, "text_len": args.text_len, "compile": compiled,
                 "device": device.type, "preset": size, "candidates": candidates[image],
                 "steps": args.steps, "ceiling": ceiling, "search": search, "batches": batches.get(image),
                 "profile_out": str(args.profile_out) if args.profile_out and search and image == 224 else None}
@@ -334,7 +340,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if "median_step_s" in r:
             num = lambda key, width, digits: f"{r[key]:>{width}.{digits}f}" if r.get(key) is not None else f"{'-':>{width}}"
-            print(f"{r['engine']:<10}{r['image_size']:>5}{str(r['compile'])[0]:>8}{str(r['activation_checkpointing'])[0]:>4}"
+            print(f"{r['engine'] + ('+' if r.get('overrides') else ''):<10}{r['image_size']:>5}{str(r['compile'])[0]:>8}{str(r['activation_checkpointing'])[0]:>4}"
                   f"{r['batch_size']:>7}{num('median_step_s', 8, 3)}{num('samples_per_s', 8, 1)}"
                   f"{num('tflops_per_s', 9, 1)}{num('mfu', 7, 3)}{num('mfu_vs_ceiling', 7, 3)}{num('peak_mem_gib', 9, 1)}")
         elif r.get("bench") == "matmul_ceiling":
@@ -355,6 +361,11 @@ def main() -> int:
     parser.add_argument("--profile-out", type=Path, help="GPU: top-kernel table of the plain 224 px step")
     parser.add_argument("--dry-run-cpu", action="store_true", help="the --gpu grid's code on CPU with tiny")
     parser.add_argument("--eager-only", action="store_true", help="GPU grid without the torch.compile groups")
+    parser.add_argument("--groups", default="", help="GPU grid: only these, e.g. plain/224/compile,deepspeed/224/eager")
+    parser.add_argument("--ac", choices=("off", "on", "both"), default="both", help="activation checkpointing cases")
+    parser.add_argument("--batches", default="", help="GPU grid: batches instead of the search, e.g. 224:128,512:64")
+    parser.add_argument("--override", action="append", default=[],
+                        help="config dotlist for every case, e.g. deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7")
     args = parser.parse_args()
     if args.group:
         gpu_group(json.loads(args.group))

@@ -65,7 +65,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
               dropout_p: float = 0.0) -> torch.Tensor:
     """dropout_p: on the attention probabilities (pass 0 in eval)."""
     chosen = resolve_backend(backend, q)
-    if stats is not None:
+    if stats is not None and not torch.compiler.is_compiling():  # bookkeeping would break the compiled graph
         stats.record(chosen)
     if chosen == "reference":
         return reference_attention(q, k, v, key_padding_mask, causal, dropout_p)
