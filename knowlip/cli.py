@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from knowlip.config import ConfigError, load_config, to_yaml
+from knowlip.launch.slurm import SlurmError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -113,29 +114,94 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_rank(cfg, renv) -> int:
     from knowlip.launch.signals import StopRequest
-    from knowlip.train.trainer import Trainer, TrainingStopped
+    from knowlip.train.entry import train_rank
 
-    stop = StopRequest().install()
-    trainer = Trainer(cfg, renv, stop)
-    if trainer.step >= cfg.train.steps:
-        if trainer.rank == 0:
-            print(f"the run in {cfg.run_dir} already finished: {trainer.step} of {cfg.train.steps} steps "
-                  f"(checkpoint {trainer.resumed_from}); nothing to train")
+    return train_rank(cfg, renv, StopRequest().install())[0]
+
+
+def _split_cluster_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`cluster.KEY=VALUE` go to the cluster profile, the rest to the training config."""
+    cluster = [o for o in overrides if o.startswith("cluster.")]
+    return cluster, [o for o in overrides if not o.startswith("cluster.")]
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit training to Slurm with submitit; the config and the request are checked before sbatch."""
+    from knowlip.config import accumulation_steps
+    from knowlip.launch import slurm
+    from knowlip.train.entry import SlurmTrain
+
+    cluster_overrides, overrides = _split_cluster_overrides(args.overrides)
+    profile = slurm.load_profile(args.cluster, cluster_overrides)
+    cfg = load_config(args.config, overrides)
+    accumulation_steps(cfg, profile.nodes * profile.tasks_per_node)  # global batch fits the world size
+    run_dir = Path(cfg.run_dir).resolve()
+    cfg = load_config(args.config, overrides + [f"run_dir={run_dir}", "resume=auto"])
+    slurm.apply_environment(profile)
+    task = SlurmTrain(to_yaml(cfg), run_dir, profile.max_requeues)
+    entry = slurm.submit(task, profile, job_name=args.name or f"knowlip-{run_dir.name}")
+    print(f"submitted job {entry['job_id']} ({entry['tasks']} tasks on {profile.nodes} node(s), cluster "
+          f"{profile.name})\n  logs: {entry['log_dir']}\n  run:  {run_dir}")
+    if not args.wait:
         return 0
     try:
-        result = trainer.train()
-    except TrainingStopped as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    if trainer.rank != 0:
+        entry["job"].results()
+    except Exception as exc:  # submitit raises the job's failure
+        print(f"job {entry['job_id']} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}",
+              file=sys.stderr)
+        return 1
+    print(f"job {entry['job_id']} finished")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from knowlip.launch import slurm
+
+    profile = slurm.load_profile(args.cluster)
+    slurm.apply_environment(profile)
+    rows = [slurm.job_summary(e) for e in slurm.registry_entries(profile.folder)[-args.last:]]
+    if args.json:
+        print(json.dumps(rows, indent=1))
         return 0
-    losses = [h["loss"] for h in result["history"]]
-    if result["stopped"]:
-        print(f"stopped at step {result['steps']} of {cfg.train.steps} ({result['stopped']}); checkpoint "
-              f"{result['checkpoint']}; run again to resume")
-    else:
-        print(f"trained {result['steps']} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in "
-              f"{result['metrics']}, weights and tokenizer in {cfg.run_dir}")
+    print(f"{'job':>8}  {'state':<12}{'requeues':>9}{'step':>7}  run / why")
+    for r in rows:
+        print(f"{r['job_id']:>8}  {r['state']:<12}{r['requeues']:>9}{str(r['step'] or '-'):>7}  {r['run_dir']}"
+              + (f"\n{'':>38}{r['why']}" if r["why"] else ""))
+    return 0
+
+
+def _registry_entry(args: argparse.Namespace):
+    from knowlip.launch import slurm
+
+    profile = slurm.load_profile(args.cluster)
+    slurm.apply_environment(profile)
+    entry = next((e for e in slurm.registry_entries(profile.folder) if e["job_id"] == str(args.job_id)), None)
+    if entry is None:
+        raise slurm.SlurmError(f"job {args.job_id} is not in {Path(profile.folder).resolve() / slurm.REGISTRY} "
+                               "(submitted with another cluster profile or folder?)")
+    return slurm, entry
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    slurm, entry = _registry_entry(args)
+    path = slurm.log_path(entry, args.rank, "err" if args.stderr else "out")
+    if args.follow:
+        slurm.follow(path, lambda: slurm.job_finished(entry["job_id"]))
+        return 0
+    if not path.is_file():
+        print(f"no log yet: {path}", file=sys.stderr)
+        return 1
+    sys.stdout.write(path.read_text(errors="replace"))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from knowlip.launch import slurm
+
+    profile = slurm.load_profile(args.cluster)
+    slurm.apply_environment(profile)
+    slurm.cancel(str(args.job_id))
+    print(f"cancelled job {args.job_id}")
     return 0
 
 
@@ -224,6 +290,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("submit", help="submit training to Slurm (submitit): one task per GPU, requeue on preemption")
+    p.add_argument("--cluster", required=True, help="cluster profile: cluster/NAME.yaml or a path")
+    p.add_argument("--name", help="job name (default knowlip-<run folder>)")
+    p.add_argument("--wait", action="store_true", help="block until the job ends; non-zero exit if it failed")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="this user's knowlip Slurm jobs: state, requeues, step reached, why it ended")
+    p.add_argument("--cluster", default="local", help="cluster profile (its folder holds the job registry)")
+    p.add_argument("--last", type=int, default=20, help="how many of the newest submissions")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("logs", help="a Slurm job's log (one rank)")
+    p.add_argument("job_id")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--stderr", action="store_true", help="the error stream instead of the output")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    p.add_argument("--cluster", default="local")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("cancel", help="cancel a Slurm job")
+    p.add_argument("job_id")
+    p.add_argument("--cluster", default="local")
+    p.set_defaults(func=cmd_cancel)
+
     p = sub.add_parser("export", help="a checkpoint (or run folder) -> safetensors + config + tokenizer")
     p.add_argument("source", help="a checkpoint folder, or a run folder (its newest complete checkpoint)")
     p.add_argument("--out", required=True, help="output folder")
@@ -276,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except SlurmError as exc:
+        print(f"slurm: {exc}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,6 +3,7 @@ beside the repository); in CI (CI=true) a missing folder fails, elsewhere the te
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -53,3 +54,26 @@ def synth_shards(tmp_path_factory) -> Path:
     synthesise_from_config(cfg)
     pack(cfg)
     return tmp / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_train_base(synth_shards, tmp_path_factory) -> list[str]:
+    """Training overrides shared by the multi-process tests: the tiny model on the session's synthetic shards
+    (96 chips, 12 global steps of 2 x 4 per epoch), one tokenizer built once."""
+    from knowlip.data.shards import load_index
+    from knowlip.text.tokenizer import train_wordpiece
+    from knowlip.train.trainer import shard_captions
+
+    tok = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_wordpiece(shard_captions(load_index(synth_shards)), tok, 300)
+    return [f"data.shards={synth_shards}", "data.batch_size=4", "data.max_text_len=48", "model.image_size=32",
+            "model.queue_size=16", f"model.tokenizer={tok}", "train.log_every=1", "train.warmup_steps=2",
+            "train.steps=8", "train.progress=false"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from a run's metrics.jsonl, checking that no step repeats or goes back."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"metrics.jsonl steps repeat or go back: {steps}"
+    return {r["step"]: r["loss"] for r in rows}

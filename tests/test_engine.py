@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, losses
 from knowlip.launch.local import spawn_local_ranks
 from knowlip.train.checkpoint import list_checkpoints, read_meta
 from knowlip.train.export import consolidated_state_dict, export_checkpoint, load_exported
@@ -25,18 +25,8 @@ PROBE = str(REPO / "tests" / "engine_probe.py")
 
 
 @pytest.fixture(scope="module")
-def base(synth_shards, tmp_path_factory) -> list[str]:
-    """Overrides shared by every run: the tiny model on the session's synthetic shards (96 chips, 12 global steps
-    of 2 x 4 per epoch), one tokenizer built once."""
-    from knowlip.text.tokenizer import train_wordpiece
-    from knowlip.train.trainer import shard_captions
-    from knowlip.data.shards import load_index
-
-    tok = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_wordpiece(shard_captions(load_index(synth_shards)), tok, 300)
-    return [f"data.shards={synth_shards}", "data.batch_size=4", "data.max_text_len=48", "model.image_size=32",
-            "model.queue_size=16", f"model.tokenizer={tok}", "train.log_every=1", "train.warmup_steps=2",
-            "train.steps=8", "train.progress=false"]
+def base(tiny_train_base) -> list[str]:
+    return tiny_train_base
 
 
 def train(run_dir: Path, base: list[str], *overrides: str, nproc: int = 2, env: dict | None = None,
@@ -53,13 +43,6 @@ def probe(run_dir: Path, base: list[str], out: Path, nproc: int, *overrides: str
     cmd = [sys.executable, PROBE, str(out), f"run_dir={run_dir}", *base, *overrides]
     assert spawn_local_ranks(nproc, cmd) == 0
     return torch.load(out, weights_only=False)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows]
-    assert steps == sorted(set(steps)), f"metrics.jsonl steps repeat or go back: {steps}"
-    return {r["step"]: r["loss"] for r in rows}
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from knowlip.data.shards import (CAPTION_EXT, CHIP_EXT, META_EXT, ShardError, ShardIndex, load_index, npy_header,
                                   read_sample_bytes)
+from knowlip.launch.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -263,6 +264,7 @@ class StreamingLoader:
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             persistent_workers=False, multiprocessing_context="fork" if self.num_workers else None,
+                            worker_init_fn=ignore_stop_signals,
                             # its own generator: creating the iterator must not draw from torch's global RNG,
                             # or a resumed run's random stream (masking, negatives) would shift
                             generator=torch.Generator().manual_seed(self.seed))

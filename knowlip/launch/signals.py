@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import signal
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# SIGUSR2: Slurm's signal before a time limit (--signal=USR2@delay, as submitit asks); SIGTERM: preemption.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+def ignore_stop_signals(*_args) -> None:
+    """For helper processes (loader workers): Slurm signals every process of a job step, and a worker killed by
+    USR2 would break the loader before the rank could save; they end with their rank instead."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 class StopRequest:

@@ -1,0 +1,63 @@
+"""The training entry of one rank, shared by `knowlip train` (local ranks, torchrun) and Slurm jobs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from knowlip.launch.local import RankEnv, rank_env
+from knowlip.launch.signals import StopRequest
+from knowlip.launch.slurm import SlurmTask
+from knowlip.train.trainer import Trainer, TrainingStopped
+
+
+def train_rank(cfg, renv: RankEnv | None, stop: StopRequest) -> tuple[int, str]:
+    """Train (or resume) on this rank. Returns (exit code, outcome): outcome is "finished", "stopped" (a signal;
+    every rank saved) or "failed"."""
+    trainer = Trainer(cfg, renv, stop)
+    if trainer.step >= cfg.train.steps:
+        if trainer.rank == 0:
+            print(f"the run in {cfg.run_dir} already finished: {trainer.step} of {cfg.train.steps} steps "
+                  f"(checkpoint {trainer.resumed_from}); nothing to train")
+        return 0, "finished"
+    try:
+        result = trainer.train()
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3, "failed"
+    outcome = "stopped" if result["stopped"] else "finished"
+    if trainer.rank == 0:
+        losses = [h["loss"] for h in result["history"]]
+        if result["stopped"]:
+            print(f"stopped at step {result['steps']} of {cfg.train.steps} ({result['stopped']}); checkpoint "
+                  f"{result['checkpoint']}; run again to resume")
+        else:
+            print(f"trained {result['steps']} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in "
+                  f"{result['metrics']}, weights and tokenizer in {cfg.run_dir}")
+    return 0, outcome
+
+
+class SlurmTrain(SlurmTask):
+    """`knowlip train` as a Slurm task (pickled by submitit): the resolved config travels with it."""
+
+    def __init__(self, config_yaml: str, run_dir: Path, max_requeues: int):
+        super().__init__(run_dir, max_requeues)
+        self.config_yaml = config_yaml
+
+    def run_rank(self, stop: StopRequest) -> str:
+        import tempfile
+
+        from knowlip.config import load_config
+
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+            f.write(self.config_yaml)
+            f.flush()
+            cfg = load_config(f.name)  # validated again, on the node
+        renv = rank_env()
+        logging.basicConfig(level=logging.INFO if renv is None or renv.rank == 0 else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        code, outcome = train_rank(cfg, renv, stop)
+        if code != 0:
+            raise RuntimeError(f"training failed on rank {renv.rank if renv else 0} (exit code {code}); see the log")
+        return outcome

@@ -1,0 +1,167 @@
+"""Slurm for real: a single-node cluster started from Debian's packages by cluster/local/up.sh (munge,
+MariaDB + slurmdbd, slurmctld, slurmd), jobs submitted with `knowlip submit` through submitit, 2 tasks = 2 gloo
+ranks of DeepSpeed ZeRO-3. Expected losses come from `knowlip train` run locally with the same seed and ranks.
+Skipped where the packages are not installed (cluster/local/install.sh installs them; .ci/run does)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, losses
+from knowlip.launch import slurm
+
+CLI = [sys.executable, "-m", "knowlip.cli"]
+HAVE_SLURM = all(shutil.which(t) or Path("/usr/sbin", t).exists() for t in ("slurmctld", "slurmd", "slurmdbd",
+                                                                           "munged", "mariadbd"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Profiles and parsing: no cluster needed
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_profiles_load_and_nonsense_fails_with_the_key():
+    local = slurm.load_profile("local")
+    assert (local.tasks_per_node, local.gpus_per_node, local.partition) == (2, 0, "debug")
+    h100 = slurm.load_profile("h100", ["cluster.nodes=4"])
+    assert (h100.nodes, h100.gpus_per_node, h100.tasks_per_node, h100.exclusive) == (4, 8, 8, True)
+    with pytest.raises(slurm.SlurmError, match="tasks_per_node=4 but gpus_per_node=8"):
+        slurm.load_profile("h100", ["cluster.tasks_per_node=4"])
+    with pytest.raises(slurm.SlurmError, match="signal_delay_s=3600 is not shorter"):
+        slurm.load_profile("local", ["cluster.signal_delay_s=3600"])
+    with pytest.raises(slurm.SlurmError, match="cpus_per_task=0"):
+        slurm.load_profile("local", ["cluster.cpus_per_task=0"])
+    with pytest.raises(slurm.SlurmError, match="gpus_per_nod"):
+        slurm.load_profile("local", ["cluster.gpus_per_nod=1"])  # a typo names the key
+    with pytest.raises(slurm.SlurmError, match="no cluster profile 'nope'.*known: .*local"):
+        slurm.load_profile("nope")
+
+
+def test_slurm_time_limits_parse_to_minutes():
+    assert slurm._minutes("30:00") == 30
+    assert slurm._minutes("1-02:03:00") == 1 * 1440 + 2 * 60 + 3
+    assert slurm._minutes("00:10:30") == 11  # a started minute counts
+    assert slurm._minutes("infinite") is None
+
+
+def test_registry_keeps_the_newest_submission_of_a_reused_job_id(tmp_path):
+    (tmp_path / slurm.REGISTRY).write_text(
+        json.dumps({"job_id": "1", "run_dir": "old"}) + "\n" + json.dumps({"job_id": "2", "run_dir": "b"}) + "\n"
+        + json.dumps({"job_id": "1", "run_dir": "new"}) + "\n")
+    entries = {e["job_id"]: e["run_dir"] for e in slurm.registry_entries(str(tmp_path))}
+    assert entries == {"1": "new", "2": "b"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The real local cluster
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A fresh local cluster for this module (its own state folder and ports), stopped afterwards."""
+    if not HAVE_SLURM:
+        message = "Slurm/munge/MariaDB not installed: run cluster/local/install.sh (as root)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the Slurm tests: {message}")
+        pytest.skip(message)
+    # not under pytest's folder: that is private to root, and munged runs as the munge user
+    state = Path(tempfile.mkdtemp(prefix="knowlip-slurm-", dir="/tmp"))
+    state.chmod(0o755)
+    env = {**os.environ, "KNOWLIP_SLURM_STATE": str(state), "KNOWLIP_SLURM_PORT": "17817"}
+    up = subprocess.run(["bash", str(REPO / "cluster/local/up.sh")], env=env, capture_output=True, text=True,
+                        timeout=240)
+    assert up.returncode == 0, up.stdout + up.stderr
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SLURM_CONF", str(state / "etc" / "slurm.conf"))
+    yield state
+    patch.undo()
+    subprocess.run(["bash", str(REPO / "cluster/local/down.sh"), "--purge"], env=env, capture_output=True,
+                   timeout=120)
+
+
+def knowlip(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for_accounting(job: str, timeout: float = 60) -> None:
+    """slurmdbd records a job's end a moment after the job ends."""
+    deadline = time.monotonic() + timeout
+    while not slurm.job_finished(job):
+        assert time.monotonic() < deadline, f"job {job} still not finished in sacct: {slurm.accounting(job)}"
+        time.sleep(0.5)
+
+
+def job_id_of(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout.split("submitted job ")[1].split()[0]
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_train_base, tmp_path_factory) -> Path:
+    """The reference: `knowlip train` with 2 local ranks, 16 steps."""
+    run = tmp_path_factory.mktemp("local") / "run"
+    proc = subprocess.run(CLI + ["train", f"run_dir={run}", "dist.nproc_per_node=2", *tiny_train_base,
+                                 "train.steps=16"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("cluster")
+def test_submitted_job_trains_like_local_ranks(local_run, tiny_train_base, tmp_path):
+    run = tmp_path / "run"
+    proc = knowlip(tmp_path, "submit", "--cluster", "local", "--wait", f"run_dir={run}", *tiny_train_base,
+                   "train.steps=16")
+    job = job_id_of(proc)
+    assert f"job {job} finished" in proc.stdout
+    assert losses(run) == losses(local_run)  # same seed, same 2 ranks: the same numbers, bit for bit
+    wait_for_accounting(job)
+    rows = json.loads(knowlip(tmp_path, "jobs", "--json").stdout)
+    row = next(r for r in rows if r["job_id"] == job)
+    assert (row["state"], row["requeues"], row["step"]) == ("COMPLETED", 0, 16)
+    log = knowlip(tmp_path, "logs", job, "--rank", "0").stdout
+    assert "trained 16 steps" in log
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("cluster")
+def test_usr2_saves_requeues_and_resumes_to_the_same_losses(local_run, tiny_train_base, tmp_path):
+    run = tmp_path / "run"
+    job = job_id_of(knowlip(tmp_path, "submit", "--cluster", "local", f"run_dir={run}", *tiny_train_base,
+                            "train.steps=16", "data.num_workers=1"))
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.1)
+    # what Slurm sends signal_delay_s before a time limit; to every task (the loader workers too)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
+    wait_for_accounting(job, timeout=max(1.0, deadline - time.monotonic()))
+    records = slurm.accounting(job)
+    assert [r["state"].split()[0] for r in records] == ["REQUEUED", "COMPLETED"], records
+    assert losses(run) == losses(local_run)  # saved, requeued, resumed: the uninterrupted run's numbers
+    status = json.loads((run / slurm.STATUS_FILE).read_text())
+    assert [s["event"] for s in status] == ["requeued"] and "SIGUSR2" in status[0]["message"]
+    checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert checkpoints and checkpoints[0] < "step_00000016"  # the stop's own save, before the end
+    rows = json.loads(knowlip(tmp_path, "jobs", "--json").stdout)
+    assert next(r for r in rows if r["job_id"] == job)["requeues"] == 1
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("cluster")
+def test_impossible_requests_fail_at_submit_with_what_was_asked(tiny_train_base, tmp_path):
+    proc = knowlip(tmp_path, "submit", "--cluster", "local", "cluster.cpus_per_task=64", *tiny_train_base)
+    assert proc.returncode == 2
+    assert "asks for 2 tasks x 64 CPUs per node; partition 'debug' offers" in proc.stderr, proc.stderr
+    proc = knowlip(tmp_path, "submit", "--cluster", "local", "cluster.mem_gb=100000", *tiny_train_base)
+    assert proc.returncode == 2 and "100000 GB per node" in proc.stderr, proc.stderr
+    proc = knowlip(tmp_path, "submit", "--cluster", "local", "cluster.partition=gpu", *tiny_train_base)
+    assert proc.returncode == 2 and "partition 'gpu' does not exist" in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs" / "slurm" / slurm.REGISTRY).exists()  # nothing reached sbatch
