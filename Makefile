@@ -5,13 +5,21 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.knowlip-installed
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart quickstart-slurm test install cluster-packages clean
 
 quickstart: $(STAMP)
 	bash launch/quickstart.sh
 
-test: $(STAMP)
+# Optional: the same job through a real local Slurm (needs root for the Debian packages on first use).
+quickstart-slurm: $(STAMP)
+	bash launch/quickstart_slurm.sh
+
+# The Slurm tests run against a real local cluster: its Debian packages are installed when missing (as root).
+test: $(STAMP) cluster-packages
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+cluster-packages:
+	bash cluster/local/install.sh
 
 install: $(STAMP)
 

@@ -150,6 +150,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"job {entry['job_id']} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}",
               file=sys.stderr)
         return 1
+    slurm.wait_until_finished(entry["job_id"], timeout=30)  # so that `knowlip jobs` agrees at once
     print(f"job {entry['job_id']} finished")
     return 0
 

@@ -90,14 +90,6 @@ def knowlip(cwd: Path, *args: str, timeout: float = 600) -> subprocess.Completed
     return subprocess.run(CLI + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-def wait_for_accounting(job: str, timeout: float = 60) -> None:
-    """slurmdbd records a job's end a moment after the job ends."""
-    deadline = time.monotonic() + timeout
-    while not slurm.job_finished(job):
-        assert time.monotonic() < deadline, f"job {job} still not finished in sacct: {slurm.accounting(job)}"
-        time.sleep(0.5)
-
-
 def job_id_of(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout.split("submitted job ")[1].split()[0]
@@ -122,7 +114,6 @@ def test_submitted_job_trains_like_local_ranks(local_run, tiny_train_base, tmp_p
     job = job_id_of(proc)
     assert f"job {job} finished" in proc.stdout
     assert losses(run) == losses(local_run)  # same seed, same 2 ranks: the same numbers, bit for bit
-    wait_for_accounting(job)
     rows = json.loads(knowlip(tmp_path, "jobs", "--json").stdout)
     row = next(r for r in rows if r["job_id"] == job)
     assert (row["state"], row["requeues"], row["step"]) == ("COMPLETED", 0, 16)
@@ -142,7 +133,7 @@ def test_usr2_saves_requeues_and_resumes_to_the_same_losses(local_run, tiny_trai
         time.sleep(0.1)
     # what Slurm sends signal_delay_s before a time limit; to every task (the loader workers too)
     subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
-    wait_for_accounting(job, timeout=max(1.0, deadline - time.monotonic()))
+    assert slurm.wait_until_finished(job, timeout=max(1.0, deadline - time.monotonic())), slurm.accounting(job)
     records = slurm.accounting(job)
     assert [r["state"].split()[0] for r in records] == ["REQUEUED", "COMPLETED"], records
     assert losses(run) == losses(local_run)  # saved, requeued, resumed: the uninterrupted run's numbers
@@ -165,3 +156,24 @@ def test_impossible_requests_fail_at_submit_with_what_was_asked(tiny_train_base,
     proc = knowlip(tmp_path, "submit", "--cluster", "local", "cluster.partition=gpu", *tiny_train_base)
     assert proc.returncode == 2 and "partition 'gpu' does not exist" in proc.stderr, proc.stderr
     assert not (tmp_path / "runs" / "slurm" / slurm.REGISTRY).exists()  # nothing reached sbatch
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("cluster")
+def test_requeue_limit_ends_the_job_failed_and_jobs_says_why(tiny_train_base, tmp_path):
+    run = tmp_path / "run"
+    job = job_id_of(knowlip(tmp_path, "submit", "--cluster", "local", "cluster.max_requeues=0", f"run_dir={run}",
+                            *tiny_train_base, "train.steps=16"))
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
+    assert slurm.wait_until_finished(job, timeout=max(1.0, deadline - time.monotonic())), slurm.accounting(job)
+    assert [r["state"].split()[0] for r in slurm.accounting(job)] == ["FAILED"]
+    assert list((run / "checkpoints").glob("step_*"))  # it saved before giving up
+    row = next(r for r in json.loads(knowlip(tmp_path, "jobs", "--json").stdout) if r["job_id"] == job)
+    assert row["state"] == "FAILED" and row["requeues"] == 0
+    assert "not requeued" in row["why"] and "cluster.max_requeues=0" in row["why"]
+    table = knowlip(tmp_path, "jobs").stdout
+    assert job in table and "cluster.max_requeues=0" in table

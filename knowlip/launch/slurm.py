@@ -337,5 +337,15 @@ def job_finished(job_id: str) -> bool:
                                                                       "REQUEUE_HOLD", "SUSPENDED", "COMPLETING")
 
 
+def wait_until_finished(job_id: str, timeout: float = 60) -> bool:
+    """Poll sacct until the job is over (slurmdbd records an end a moment after it); False on timeout."""
+    deadline = time.monotonic() + timeout
+    while not job_finished(job_id):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def cancel(job_id: str) -> None:
     run_slurm(["scancel", job_id])
