@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_io import JsonLines, Timer  # noqa: E402
 from knowlip.model.attention import attention, reference_attention, resolve_backend  # noqa: E402
 
 TOLERANCE = 2e-2
@@ -75,25 +75,6 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.detach().float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
 
 
-def median_ms(fn, device, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def attention_flops(b, h, n, d, causal) -> float:
     """Forward + backward matmul FLOPs (backward = 2.5 x forward, as the flash-attention papers count)."""
     forward = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
@@ -124,7 +105,7 @@ def bench_shape(shape, backends, device, dtype, repeats, gen, emit) -> list[dict
             continue
         errors = {"out": relative_error(out, refs["out"]), "dq": relative_error(q.grad, refs["dq"]),
                   "dk": relative_error(k.grad, refs["dk"]), "dv": relative_error(v.grad, refs["dv"])}
-        ms = median_ms(step, device, repeats)
+        ms = Timer(device)(step, repeats=repeats)
         row.update(supported=True, ms=round(ms, 4), tflops=round(attention_flops(b, h, n, d, causal) / ms / 1e9, 1),
                    max_rel_err=round(max(errors.values()), 5), agrees=max(errors.values()) <= TOLERANCE)
         rows.append(row)
@@ -144,12 +125,7 @@ def main() -> int:
               "smoke test)")
         return 0
 
-    def emit(row: dict) -> None:
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
+    emit = JsonLines(args.out)
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     backends = list(sdpa_backends()) if gpu else ["sdpa_math"]

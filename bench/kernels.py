@@ -24,19 +24,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_io import JsonLines, Timer  # noqa: E402
 from knowlip.ops.sar_cases import invalid_pixel_matrix  # noqa: E402
 from knowlip.ops.sar_norm import NormParams, kernel_available, reference, sar_normalize  # noqa: E402
 
-_OUT_FILE: Path | None = None
-
-
-def emit(row: dict) -> None:
-    """One JSON line on stdout, and in --out when given."""
-    line = json.dumps(row)
-    print(line, flush=True)
-    if _OUT_FILE is not None:
-        with _OUT_FILE.open("a") as f:
-            f.write(line + "\n")
+emit = JsonLines()  # --out sets its file
 
 VV, VH = (-25.0, 0.0), (-32.5, 0.0)
 
@@ -144,31 +136,6 @@ def real_scene_inputs(device):
             ("sentinel1_intensity", intensity.to(device), NormParams(("intensity",), (VV,)))]
 
 
-class Timer:
-    """Median milliseconds of fn(): CUDA events on a GPU, perf_counter otherwise."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn, repeats=20, warmup=3):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-        return float(np.median(times))
-
-
 def timings(device, sizes_mb, out_dtype):
     timer = Timer(device)
     rows = []
@@ -203,8 +170,7 @@ def main() -> int:
                         help=f"write the real scenes to {SCENES_NPY.name} (for machines without rasterio) and exit")
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     args = parser.parse_args()
-    global _OUT_FILE
-    _OUT_FILE = args.out
+    emit.out = args.out
     if args.export_scenes:
         scenes = read_real_scenes_db()
         if scenes is None:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_io import JsonLines  # noqa: E402
 from knowlip.config import load_config  # noqa: E402
 from knowlip.launch.local import RankEnv, free_port  # noqa: E402
 from knowlip.model.dims import preset  # noqa: E402
@@ -79,6 +80,7 @@ def _gather_timer(device: torch.device) -> _Timer:
 
 
 # Candidate batches, searched upward (activation checkpointing reached 512 and 96 on an H100 with room to spare).
+emit = JsonLines()  # --out sets its file
 GPU_BATCHES = {224: [32, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 1024],
                512: [8, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256]}
 
@@ -286,7 +288,7 @@ def gpu_driver(args) -> int:
     n = 512 if dry else 8192
     rows = [{"bench": "matmul_ceiling", "shape": f"{n}^3", "dtype": "bf16", "tflops_per_s": round(ceiling / 1e12, 1),
              "spec_tflops_per_s": (peak_flops(device) or 0) / 1e12, "device": device_name(device)}]
-    emit(rows[-1], args.out)
+    emit(rows[-1])
     if not dry:
         torch.cuda.empty_cache()
     batches: dict[int, dict] = {int(k): {"off": int(v), "on": int(v)} for k, v in
@@ -299,7 +301,7 @@ def gpu_driver(args) -> int:
         left = deadline - time.monotonic()
         label = f"{engine_name}/{image}px/{'compile' if compiled else 'eager'}"
         if left < 45:
-            emit({"bench": "train_step", "group": label, "skipped": f"{left:.0f} s left of --budget-s"}, args.out)
+            emit({"bench": "train_step", "group": label, "skipped": f"{left:.0f} s left of --budget-s"})
             continue
         search = engine_name == "plain" and not compiled and image not in batches
         spec = {"ac": args.ac, "overrides": args.override,"engine": engine_name, "image_size": image, "text_len": args.text_len, "compile": compiled,
@@ -307,7 +309,7 @@ def gpu_driver(args) -> int:
                 "steps": args.steps, "ceiling": ceiling, "search": search, "batches": batches.get(image),
                 "profile_out": str(args.profile_out) if args.profile_out and search and image == 224 else None}
         if not search and not batches.get(image):
-            emit({"bench": "train_step", "group": label, "skipped": "the plain eager search found no batch"}, args.out)
+            emit({"bench": "train_step", "group": label, "skipped": "the plain eager search found no batch"})
             continue
         try:
             proc = subprocess.run([sys.executable, __file__, "--group", json.dumps(spec)], capture_output=True,
@@ -319,21 +321,14 @@ def gpu_driver(args) -> int:
         group_rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         for row in group_rows:
             rows.append(row)
-            emit(row, args.out)
+            emit(row)
         if search:
             batches[image] = {("on" if r["activation_checkpointing"] else "off"): r.get("batch_size")
                               for r in group_rows if "median_step_s" in r}
         if rc != 0:
-            emit({"bench": "train_step", "group": label, "rc": rc, "stderr_tail": err[-1500:]}, args.out)
+            emit({"bench": "train_step", "group": label, "rc": rc, "stderr_tail": err[-1500:]})
     print_table(rows)
     return 0
-
-
-def emit(row: dict, out: Path | None) -> None:
-    print(json.dumps(row), flush=True)
-    if out:
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -369,6 +364,7 @@ def main() -> int:
     parser.add_argument("--override", action="append", default=[],
                         help="config dotlist for every case, e.g. deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7")
     args = parser.parse_args()
+    emit.out = args.out
     if args.group:
         gpu_group(json.loads(args.group))
         return 0
@@ -385,10 +381,10 @@ def main() -> int:
     results = []
     for engine_name in ("plain", "deepspeed"):
         results.append(run_case(engine_name, "tiny", 64, 16, 128, args.steps, device, bf16=False))
-        emit(results[-1], args.out)
+        emit(results[-1])
     plain, zero = results
     emit({"bench": "zero3_overhead", "preset": "tiny",
-          "step_time_ratio": round(zero["median_step_s"] / plain["median_step_s"], 2)}, args.out)
+          "step_time_ratio": round(zero["median_step_s"] / plain["median_step_s"], 2)})
     return 0
 
 

@@ -90,6 +90,16 @@ def knowlip(cwd: Path, *args: str, timeout: float = 600) -> subprocess.Completed
     return subprocess.run(CLI + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+def wait_for_steps(run: Path, steps: int, timeout: float = 300) -> float:
+    """Until the run logged `steps` steps; returns the deadline, for what follows."""
+    deadline = time.monotonic() + timeout
+    metrics = run / "metrics.jsonl"
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < steps:
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.1)
+    return deadline
+
+
 def job_id_of(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout.split("submitted job ")[1].split()[0]
@@ -127,10 +137,7 @@ def test_usr2_saves_requeues_and_resumes_to_the_same_losses(local_run, tiny_trai
     run = tmp_path / "run"
     job = job_id_of(knowlip(tmp_path, "submit", "--cluster", "local", f"run_dir={run}", *tiny_train_base,
                             "train.steps=16", "data.num_workers=1"))
-    deadline = time.monotonic() + 300
-    while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
-        assert time.monotonic() < deadline, "the job did not start training"
-        time.sleep(0.1)
+    deadline = wait_for_steps(run, 3)
     # what Slurm sends signal_delay_s before a time limit; to every task (the loader workers too)
     subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
     assert slurm.wait_until_finished(job, timeout=max(1.0, deadline - time.monotonic())), slurm.accounting(job)
@@ -164,10 +171,7 @@ def test_requeue_limit_ends_the_job_failed_and_jobs_says_why(tiny_train_base, tm
     run = tmp_path / "run"
     job = job_id_of(knowlip(tmp_path, "submit", "--cluster", "local", "cluster.max_requeues=0", f"run_dir={run}",
                             *tiny_train_base, "train.steps=16"))
-    deadline = time.monotonic() + 300
-    while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 2:
-        assert time.monotonic() < deadline, "the job did not start training"
-        time.sleep(0.1)
+    deadline = wait_for_steps(run, 2)
     subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
     assert slurm.wait_until_finished(job, timeout=max(1.0, deadline - time.monotonic())), slurm.accounting(job)
     assert [r["state"].split()[0] for r in slurm.accounting(job)] == ["FAILED"]
