@@ -206,6 +206,21 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mlflow_sync(args: argparse.Namespace) -> int:
+    from knowlip.track.mlflow_tracker import sync
+
+    run_id, sent = sync(Path(args.run_dir))
+    print(f"MLflow run {run_id}: uploaded {sent} metric rows that it lacked")
+    return 0
+
+
+def cmd_mlflow_ui(args: argparse.Namespace) -> int:
+    from knowlip.track.mlflow_tracker import ui_command
+
+    print(ui_command(_config(args)))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from knowlip.train.export import export_checkpoint
 
@@ -316,6 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--cluster", default="local")
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("mlflow", help="MLflow: upload what a run could not send, or print the UI command")
+    msub = p.add_subparsers(dest="mlflow_command", required=True)
+    sync = msub.add_parser("sync", help="upload the metrics.jsonl rows the run's MLflow history lacks")
+    sync.add_argument("run_dir")
+    sync.set_defaults(func=cmd_mlflow_sync)
+    ui = msub.add_parser("ui", help="print the command that opens the MLflow UI on the run's store")
+    _add_config_args(ui)
+    ui.set_defaults(func=cmd_mlflow_ui)
 
     p = sub.add_parser("export", help="a checkpoint (or run folder) -> safetensors + config + tokenizer")
     p.add_argument("source", help="a checkpoint folder, or a run folder (its newest complete checkpoint)")

@@ -216,6 +216,22 @@ class EvalConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """Experiment tracking (knowlip.track): on by default, into a local store beside the run folders."""
+
+    enabled: bool = True
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///<runs>/mlflow.db with artifacts in <runs>/mlartifacts, where
+    # <runs> is the folder holding run_dir.
+    tracking_uri: Optional[str] = None
+    experiment: str = "knowlip"
+    run_name: Optional[str] = None  # None: the run folder's name
+    system_metrics: bool = True  # CPU, memory, GPU per node (local rank 0 of each node)
+    system_interval_s: float = 10.0
+    queue_size: int = 10000  # metric rows held while the server is away; older ones are dropped (and counted)
+    retry_s: float = 5.0  # wait between attempts while the server is away
+
+
+@dataclass
 class KnowlipConfig:
     run_dir: str = "runs/quickstart"
     seed: int = 0
@@ -230,6 +246,7 @@ class KnowlipConfig:
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     scio: ScioConfig = field(default_factory=ScioConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     # Passed through to DeepSpeed's config for what knowlip does not model (merged over what knowlip sets).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 

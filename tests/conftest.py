@@ -38,7 +38,7 @@ def sentinel1_dir(tmp_path_factory) -> Path:
 def make_config(tmp: Path, *overrides: str):
     """Defaults rooted in a temporary folder, plus overrides."""
     base = [f"run_dir={tmp}", f"synth.out_dir={tmp}/scenes", f"pack.inputs=[{tmp}/scenes]",
-            f"pack.out_dir={tmp}/shards", f"data.shards={tmp}/shards"]
+            f"pack.out_dir={tmp}/shards", f"data.shards={tmp}/shards", "mlflow.enabled=false"]
     return load_config(None, base + list(overrides))
 
 
@@ -68,7 +68,7 @@ def tiny_train_base(synth_shards, tmp_path_factory) -> list[str]:
     train_wordpiece(shard_captions(load_index(synth_shards)), tok, 300)
     return [f"data.shards={synth_shards}", "data.batch_size=4", "data.max_text_len=48", "model.image_size=32",
             "model.queue_size=16", f"model.tokenizer={tok}", "train.log_every=1", "train.warmup_steps=2",
-            "train.steps=8", "train.progress=false"]
+            "train.steps=8", "train.progress=false", "mlflow.enabled=false"]
 
 
 def losses(run_dir: Path) -> dict[int, float]:

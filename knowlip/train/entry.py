@@ -35,6 +35,10 @@ def train_rank(cfg, renv: RankEnv | None, stop: StopRequest) -> tuple[int, str]:
         else:
             print(f"trained {result['steps']} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in "
                   f"{result['metrics']}, weights and tokenizer in {cfg.run_dir}")
+        if trainer.tracker is not None:
+            from knowlip.track.mlflow_tracker import ui_command
+
+            print(f"MLflow run {trainer.tracker.run_id}; to browse it: {ui_command(cfg)}")
     return 0, outcome
 
 

@@ -36,6 +36,8 @@ from knowlip.train import checkpoint as ckpt
 from knowlip.train import scio
 from knowlip.train.engine import (barrier, broadcast_object, build_engine, check_deepspeed_section,
                                   init_process_group)
+from knowlip.track.mlflow_tracker import MlflowTracker, SystemMetrics
+from knowlip.track.report import write_report
 from knowlip.train.export import export_checkpoint
 from knowlip.train.schedule import alpha_at, lr_at
 
@@ -133,7 +135,7 @@ class Trainer:
             torch.set_num_threads(max(1, torch.get_num_threads() // renv.local_world_size))
         if cfg.train.engine == "deepspeed":
             init_process_group(renv, self.device, cfg.dist.backend, cfg.dist.timeout_s)
-        self.rank, self.world_size = renv.rank, renv.world_size
+        self.rank, self.world_size, self.local_rank = renv.rank, renv.world_size, renv.local_rank
         self.stop = stop or StopRequest()
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
 
@@ -155,9 +157,12 @@ class Trainer:
         self.scio_stats = scio.ScioStats()
         self.norm_params = None
         self.resumed_from: Path | None = None
+        self.mlflow_run_id: str | None = None
+        self.resume_changes: list[str] = []
         seed_rank(cfg.seed, self.rank)
         if resume_from is not None:
             self.load_checkpoint(resume_from, universal)
+        self.tracker, self.system_metrics = self._start_tracking()
 
     @property
     def global_batch(self) -> int:
@@ -188,6 +193,54 @@ class Trainer:
         if error is not None:
             raise error
         return plan
+
+    def _start_tracking(self):
+        """MLflow (knowlip.track): rank 0 opens the run (reopens it on resume); local rank 0 of every node samples
+        that node's system metrics into it."""
+        if not self.cfg.mlflow.enabled:
+            return None, None
+        tracker = None
+        if self.rank == 0:
+            resumed = self.step if self.resumed_from is not None else None
+            tracker = MlflowTracker.start(self.cfg, self.mlflow_run_id, resumed, self.resume_changes,
+                                          static=self._run_facts())
+            if tracker is not None and self.mlflow_run_id is None and isinstance(getattr(self.engine, "config", None),
+                                                                                dict):
+                tracker.log_artifact_text(json.dumps(self.engine.config, indent=1), "deepspeed_config.json")
+        run_id, uri = broadcast_object((tracker.run_id, tracker.uri) if tracker else (None, None))
+        system = None
+        if run_id and self.cfg.mlflow.system_metrics and self.local_rank == 0:
+            system = SystemMetrics(uri, run_id, self.cfg.mlflow.system_interval_s)
+        return tracker, system
+
+    def _run_facts(self) -> dict:
+        """Logged once as tags: code, versions, job shape, devices, data."""
+        import importlib.metadata as md
+        import subprocess
+
+        def version(name: str) -> str:
+            try:
+                return md.version(name)
+            except md.PackageNotFoundError:
+                return "-"
+
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                    text=True, timeout=10).stdout.strip() or "-"
+        except (OSError, subprocess.TimeoutExpired):
+            commit = "-"
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"git_commit": commit, "world_size": self.world_size, "global_batch": self.global_batch,
+                "devices": f"{self.world_size} x {device}", "engine": self.cfg.train.engine,
+                "dataset": f"{self.index.root}: {self.index.total_samples} samples in {len(self.index.shards)} shards",
+                **{f"version.{p}": version(p) for p in ("knowlip", "torch", "deepspeed", "mlflow")}}
+
+    def _finish_tracking(self, status: str) -> None:
+        if self.system_metrics is not None:
+            self.system_metrics.stop()
+        if self.tracker is not None:
+            report = write_report(self.run_dir, self.run_dir / "report")
+            self.tracker.finish(status, report)
 
     def _tokenizer(self):
         if self.cfg.model.tokenizer:
@@ -287,11 +340,16 @@ class Trainer:
                     micro.append(next(batches))
                     meter.fetched(micro[-1]["chips"].shape[0])
                 values = self.train_step(micro)
+                if _fault_at("slow_steps", self.step):
+                    time.sleep(0.5)  # test hook: a window for outages (tests/test_mlflow.py)
                 history.append(values)
                 bar.update(values, self.global_batch)
                 evals = self.evaluate_if_due()
                 if evals or self.step % cfg.train.log_every == 0 or self.step in (cfg.train.steps, last):
-                    metrics.write({**self._row(values, meter.window()), **evals})
+                    row = {**self._row(values, meter.window()), **evals}
+                    metrics.write(row)
+                    if self.tracker is not None:
+                        self.tracker.log_metrics(self.step, row)
                 if self.stop.requested:
                     stopped = f"signal {self.stop.name}"
                 elif self.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
@@ -300,6 +358,8 @@ class Trainer:
                     stopped = "stop_at"
                 if stopped or self.step == cfg.train.steps or (cfg.ckpt.every and self.step % cfg.ckpt.every == 0):
                     saved = self.save_checkpoint()
+        self._finish_tracking("FINISHED" if self.step >= cfg.train.steps else
+                              "FAILED" if stopped == "nonfinite" else "KILLED")
         if stopped == "nonfinite":
             raise TrainingStopped(f"{self.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite_in_a_row"
                                   f"={cfg.train.max_nonfinite_in_a_row}) at step {self.step}: stopped; the last "
@@ -343,7 +403,7 @@ class Trainer:
                 "buffers": {k: v.detach().cpu() for k, v in self.model.named_buffers()},
                 "nonfinite_skipped": self.nonfinite_skipped, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "config": OmegaConf.to_container(self.cfg, resolve=True), "config_hash": config_hash(self.cfg),
-                "mlflow_run_id": None,
+                "mlflow_run_id": self.tracker.run_id if self.tracker else self.mlflow_run_id,
                 "scio": {"phase": scio.phase_at(self.step, self.cfg), **self.scio_stats.state_dict()}}
 
     def save_checkpoint(self) -> Path:
@@ -370,6 +430,8 @@ class Trainer:
                     "config_hash": config_hash(self.cfg), "global_batch": self.global_batch}
             final = ckpt.commit_save(partial, meta, self.cfg.ckpt.keep)
             log.info("saved checkpoint %s", final)
+            if self.tracker is not None:
+                self.tracker.event("checkpoint", self.step)
         barrier()
         return final
 
@@ -390,8 +452,10 @@ class Trainer:
             set_rng_state(torch.load(rng, weights_only=False))
         else:
             seed_rank(self.cfg.seed, self.rank, self.step)
+        self.mlflow_run_id = state.get("mlflow_run_id")
         if state["config_hash"] != config_hash(self.cfg) and self.rank == 0:
             changed = config_changes(state["config"], self.cfg)
+            self.resume_changes = changed
             log.warning("resuming %s with a changed config: %s", path, ", ".join(changed) or "(hash only)")
         if self.rank == 0:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)

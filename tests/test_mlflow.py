@@ -1,0 +1,154 @@
+"""MLflow for real: the default local sqlite store, and a real `mlflow server` on loopback that the tests kill
+and restart mid-run. Runs are tiny 2-rank DeepSpeed jobs launched by `knowlip train`; what they logged is read
+back with MlflowClient and compared with the run's own metrics.jsonl."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import losses
+from knowlip.track.mlflow_tracker import RUN_FILE, flatten, numeric
+
+pytestmark = pytest.mark.integration
+CLI = [sys.executable, "-m", "knowlip.cli"]
+
+
+def test_flatten_and_numeric_rows():
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": "1", "a.c": "[1, 2]", "d": "None"}
+    assert numeric({"step": 3, "loss": 1.5, "ok": True, "mem_kind": "host_rss", "n": 2}) == {"loss": 1.5, "n": 2.0}
+
+
+def train(run: Path, base: list[str], *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = CLI + ["train", f"run_dir={run}", "dist.nproc_per_node=2", *base, "mlflow.enabled=true",
+                 "mlflow.system_interval_s=1", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def client_for(run: Path):
+    from mlflow.tracking import MlflowClient
+
+    info = json.loads((run / RUN_FILE).read_text())
+    return MlflowClient(tracking_uri=info["tracking_uri"]), info["run_id"]
+
+
+def steps_of(client, run_id: str, key: str = "loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_default_store_one_run_across_stop_and_resume(tiny_train_base, tmp_path):
+    run = tmp_path / "runs" / "tiny"
+    first = train(run, tiny_train_base, "train.stop_at=4")
+    client, run_id = client_for(run)
+    assert json.loads((run / RUN_FILE).read_text())["tracking_uri"] == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert client.get_run(run_id).info.status == "KILLED"
+    second = train(run, tiny_train_base, "train.lr=0.0002")  # resumes, with a changed config
+    assert f"MLflow run {run_id}" in second.stdout and "mlflow ui --backend-store-uri sqlite:///" in second.stdout
+    assert client_for(run)[1] == run_id  # the same run, reopened
+    r = client.get_run(run_id)
+    assert r.info.status == "FINISHED"
+    assert len(client.search_runs([r.info.experiment_id])) == 1
+    assert steps_of(client, run_id) == list(range(1, 9))  # continuous across the resume
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert history == pytest.approx(losses(run), rel=1e-6)  # what metrics.jsonl says
+    assert r.data.params["data.batch_size"] == "4" and r.data.params["train.steps"] == "8"
+    assert r.data.params["train.lr"] == "0.0003"  # params keep the first value ...
+    assert r.data.tags["knowlip.resumes"] == "1"  # ... the resume and the change are tags
+    assert "train.lr" in r.data.tags["knowlip.resume.1.config_changes"]
+    assert r.data.tags["knowlip.world_size"] == "2" and r.data.tags["knowlip.git_commit"] != ""
+    assert steps_of(client, run_id, "event_checkpoint") == [4, 8]
+    system = [k for k in r.data.metrics if k.startswith("system/")]
+    assert any(k.endswith("cpu_utilization_percentage") and socket.gethostname() in k for k in system), system
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id,
+                                                                                                          "report")}
+    assert {"config.yaml", "deepspeed_config.json", "report/losses.png", "report/summary.md"} <= artifacts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` (sqlite backend, local artifacts) that can be killed and started again."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.proc = root, free_port(), None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1", "--port",
+             str(self.port), "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "a"), start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                assert time.monotonic() < deadline, (self.root / "server.log").read_text()[-2000:]
+                assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
+                time.sleep(0.2)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)  # the whole session: uvicorn and its workers
+        self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = MlflowServer(tmp_path)
+    srv.start()
+    yield srv
+    if srv.proc.poll() is None:
+        srv.kill()
+
+
+def test_server_killed_mid_run_training_finishes_and_sync_completes_the_history(server, tiny_train_base,
+                                                                                 tmp_path):
+    run = tmp_path / "run"
+    steps = 24
+    cmd = CLI + ["train", f"run_dir={run}", "dist.nproc_per_node=2", *tiny_train_base, f"train.steps={steps}",
+                 "mlflow.enabled=true", f"mlflow.tracking_uri={server.uri}", "mlflow.retry_s=0.5",
+                 "mlflow.system_metrics=false"]
+    # test hook: slow steps 4-20 down so that the outage falls inside the run
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "KNOWLIP_FAULT_SLOW_STEPS": "4-20"})
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < 5:
+        assert time.monotonic() < deadline and job.poll() is None, "training did not start"
+        time.sleep(0.1)
+    server.kill()
+    while len(metrics.read_text().splitlines()) < 10:  # steps logged while the server is down
+        assert time.monotonic() < deadline and job.poll() is None
+        time.sleep(0.1)
+    server.start()
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, out[-3000:] + err[-3000:]
+    assert "MLflow unreachable" in err  # warned, and carried on
+    client, run_id = client_for(run)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    logged = steps_of(client, run_id)
+    assert set(logged) <= set(range(1, steps + 1))
+    sync = subprocess.run(CLI + ["mlflow", "sync", str(run)], capture_output=True, text=True, timeout=120)
+    assert sync.returncode == 0, sync.stdout + sync.stderr
+    assert f"uploaded {steps - len(set(logged))} metric rows" in sync.stdout
+    assert steps_of(client, run_id) == list(range(1, steps + 1))  # nothing lost
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert history == pytest.approx(losses(run), rel=1e-6)
