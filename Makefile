@@ -14,12 +14,13 @@ quickstart: $(STAMP)
 quickstart-slurm: $(STAMP)
 	bash launch/quickstart_slurm.sh
 
-# The Slurm tests run against a real local cluster: its Debian packages are installed when missing (as root).
+# The Slurm tests run against a real local cluster and the MLflow UI test uses headless Chromium: their Debian
+# packages are installed when missing (as root).
 test: $(STAMP) cluster-packages
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 cluster-packages:
-	bash cluster/local/install.sh
+	bash cluster/local/install.sh chromium
 
 install: $(STAMP)
 

@@ -142,6 +142,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     entry = slurm.submit(task, profile, job_name=args.name or f"knowlip-{run_dir.name}")
     print(f"submitted job {entry['job_id']} ({entry['tasks']} tasks on {profile.nodes} node(s), cluster "
           f"{profile.name})\n  logs: {entry['log_dir']}\n  run:  {run_dir}")
+    if cfg.mlflow.enabled:
+        from knowlip.track.mlflow_tracker import tracking_uri
+
+        print(f"  MLflow: {tracking_uri(cfg)[0]}, experiment {cfg.mlflow.experiment!r} (the run id appears in "
+              f"{run_dir / 'mlflow.json'} and `knowlip jobs` once the job starts; requeues continue that run)")
     if not args.wait:
         return 0
     try:
@@ -158,8 +163,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     from knowlip.launch import slurm
 
-    profile = slurm.load_profile(args.cluster)
-    slurm.apply_environment(profile)
+    profile = _slurm_profile(args)
     rows = [slurm.job_summary(e) for e in slurm.registry_entries(profile.folder)[-args.last:]]
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -167,15 +171,24 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     print(f"{'job':>8}  {'state':<12}{'requeues':>9}{'step':>7}  run / why")
     for r in rows:
         print(f"{r['job_id']:>8}  {r['state']:<12}{r['requeues']:>9}{str(r['step'] or '-'):>7}  {r['run_dir']}"
+              + (f"  (MLflow run {r['mlflow_run']})" if r["mlflow_run"] else "")
               + (f"\n{'':>38}{r['why']}" if r["why"] else ""))
     return 0
+
+
+def _slurm_profile(args: argparse.Namespace):
+    """The --cluster profile, its environment applied (SLURM_CONF and the like) for the Slurm commands."""
+    from knowlip.launch import slurm
+
+    profile = slurm.load_profile(args.cluster)
+    slurm.apply_environment(profile)
+    return profile
 
 
 def _registry_entry(args: argparse.Namespace):
     from knowlip.launch import slurm
 
-    profile = slurm.load_profile(args.cluster)
-    slurm.apply_environment(profile)
+    profile = _slurm_profile(args)
     entry = next((e for e in slurm.registry_entries(profile.folder) if e["job_id"] == str(args.job_id)), None)
     if entry is None:
         raise slurm.SlurmError(f"job {args.job_id} is not in {Path(profile.folder).resolve() / slurm.REGISTRY} "
@@ -199,8 +212,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from knowlip.launch import slurm
 
-    profile = slurm.load_profile(args.cluster)
-    slurm.apply_environment(profile)
+    _slurm_profile(args)
     slurm.cancel(str(args.job_id))
     print(f"cancelled job {args.job_id}")
     return 0

@@ -134,7 +134,7 @@ def test_server_killed_mid_run_training_finishes_and_sync_completes_the_history(
     while not metrics.is_file() or len(metrics.read_text().splitlines()) < 5:
         assert time.monotonic() < deadline and job.poll() is None, "training did not start"
         time.sleep(0.1)
-    server.kill()
+    server.kill()  # after step 5
     while len(metrics.read_text().splitlines()) < 10:  # steps logged while the server is down
         assert time.monotonic() < deadline and job.poll() is None
         time.sleep(0.1)
@@ -145,10 +145,43 @@ def test_server_killed_mid_run_training_finishes_and_sync_completes_the_history(
     client, run_id = client_for(run)
     assert client.get_run(run_id).info.status == "FINISHED"
     logged = steps_of(client, run_id)
-    assert set(logged) <= set(range(1, steps + 1))
+    assert set(range(6, 10)) <= set(logged) <= set(range(1, steps + 1))  # the outage's rows were buffered, sent
     sync = subprocess.run(CLI + ["mlflow", "sync", str(run)], capture_output=True, text=True, timeout=120)
     assert sync.returncode == 0, sync.stdout + sync.stderr
     assert f"uploaded {steps - len(set(logged))} metric rows" in sync.stdout
     assert steps_of(client, run_id) == list(range(1, steps + 1))  # nothing lost
     history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     assert history == pytest.approx(losses(run), rel=1e-6)
+
+
+def test_run_page_in_headless_chromium_shows_the_loss_chart(server, tiny_train_base, tmp_path):
+    """The MLflow UI itself (the real server's React app) rendered by Debian's Chromium: the run's Model metrics
+    page must draw the loss chart. The PNG is kept in runs/test-artifacts/ for a person to look at."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run the UI test: chromium is not installed (make test installs it as root)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    run = tmp_path / "run"
+    train(run, tiny_train_base, f"mlflow.tracking_uri={server.uri}", "mlflow.system_metrics=false")
+    client, run_id = client_for(run)
+    experiment = client.get_run(run_id).info.experiment_id
+    shot = tmp_path / "run_page.png"
+    subprocess.run([chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    # tall enough for every chart (about 30, three a row): the loss chart is on the page
+                    "--window-size=1400,3600", "--virtual-time-budget=60000", "--run-all-compositor-stages-before-draw", f"--screenshot={shot}",
+                    f"{server.uri}/#/experiments/{experiment}/runs/{run_id}/model-metrics"],
+                   capture_output=True, timeout=120, check=True)
+    kept = Path(__file__).resolve().parents[1] / "runs" / "test-artifacts" / "mlflow_run_page.png"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, kept)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.std() > 5, f"blank page: {kept}"
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    chart_line = ((r < 80) & (g < 150) & (b > 150)).sum()  # the series' blue (about 1,000 px per chart)
+    assert chart_line > 10_000, f"the metric charts were not drawn ({chart_line} chart-blue pixels): {kept}"

@@ -296,8 +296,10 @@ def job_summary(entry: dict) -> dict:
         why = last["message"] if last["job_id"] == entry["job_id"] else ""
     if state in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL") and not why:
         why = _error_line(Path(entry["log_dir"]), entry["job_id"])
+    mlflow_file = run_dir / "mlflow.json"  # written by the job's rank 0 (knowlip.track)
+    mlflow_run = json.loads(mlflow_file.read_text())["run_id"] if mlflow_file.is_file() else None
     return {**{k: entry[k] for k in ("job_id", "job_name", "run_dir")}, "state": state, "requeues": requeues,
-            "step": step, "why": why}
+            "step": step, "mlflow_run": mlflow_run, "why": why}
 
 
 def _error_line(log_dir: Path, job_id: str) -> str:
