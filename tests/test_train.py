@@ -53,6 +53,13 @@ train: {{steps: 4, log_every: 2, tokenizer_vocab: 300}}
     last = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
     # SCIO ran: step 3 in phase 2, step 4 in phase 3; the row sums the window of steps 3-4 over 2 ranks x 4 captions
     assert last["scio_phase"] == 3 and last["scio_screened"] == 16
+    # tracked with nothing configured: the local MLflow store beside the run folder, and the command to browse it
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in proc.stdout
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((tmp_path / "run/mlflow.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [2, 4]
     again = subprocess.run(["bash", str(REPO / "launch/quickstart.sh")], env={**os.environ, "CONFIG": str(config)},
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
