@@ -1,4 +1,5 @@
-"""Loader throughput: a bare webdataset loop vs knowlip's StreamingLoader with 0, 1 and K workers.
+"""Loader throughput: a bare webdataset loop vs knowlip's StreamingLoader with 0, 1 and K workers (and in
+process without checksum verification, to price it).
 
 All on the same shards: 224x224 float32 single-channel chips with ~100-word structured captions. The bare
 loop is webdataset read + np.load + json/text decode + tokenise + stack, one process, no state tracking.
@@ -61,6 +62,19 @@ def bare_loop(urls: list[str], tokenizer: CaptionTokenizer, batch_size: int) -> 
     return n
 
 
+def without_checksums(root: Path, out: Path) -> Path:
+    """The same shards (linked) under an index without per-sample checksums: the loader then verifies nothing,
+    which prices the verification."""
+    out.mkdir()
+    for shard in root.glob("shard-*.tar"):
+        (out / shard.name).symlink_to(shard)
+    index = json.loads((root / "index.json").read_text())
+    for s in index["shards"]:
+        s.pop("checksums", None)
+    (out / "index.json").write_text(json.dumps(index))
+    return out
+
+
 def ours(root: Path, tokenizer: CaptionTokenizer, batch_size: int, workers: int) -> int:
     loader = StreamingLoader(root, batch_size, num_workers=workers, tokenizer=tokenizer, shuffle_block=8192)
     return sum(b["chips"].shape[0] for b in loader)
@@ -87,9 +101,11 @@ def main() -> None:
         captions = make_shards(root, args.samples, args.size, args.per_shard)
         tokenizer = CaptionTokenizer(load_tokenizer(train_wordpiece(captions, Path(tmp) / "tok", 2000)), 160)
         urls = [str(p) for p in sorted(root.glob("shard-*.tar"))]
+        unverified = without_checksums(root, Path(tmp) / "unverified")
         bare_loop(urls, tokenizer, args.batch_size)  # warm the page cache
         runs = {"bare_webdataset_loop": lambda: timed(bare_loop, urls, tokenizer, args.batch_size),
                 "knowlip_in_process": lambda: timed(ours, root, tokenizer, args.batch_size, 0),
+                "knowlip_in_process_no_checksums": lambda: timed(ours, unverified, tokenizer, args.batch_size, 0),
                 "knowlip_1_worker": lambda: timed(ours, root, tokenizer, args.batch_size, 1)}
         for k in args.workers:
             runs[f"knowlip_{k}_workers"] = lambda k=k: timed(ours, root, tokenizer, args.batch_size, k)

@@ -42,9 +42,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     from knowlip.data.pack import pack
 
+    # `knowlip pack DIR ... --out OUT`: a positional without '=' that exists on disk is an input, not an override
+    positional = [o for o in args.overrides if "=" not in o and Path(o).exists()]
+    args.overrides = [o for o in args.overrides if o not in positional]
+    inputs = list(args.inputs or []) + positional
     extra = []
-    if args.inputs:
-        extra.append("pack.inputs=[" + ",".join(json.dumps(str(i)) for i in args.inputs) + "]")
+    if inputs:
+        extra.append("pack.inputs=[" + ",".join(json.dumps(str(i)) for i in inputs) + "]")
     if args.out:
         extra.append(f"pack.out_dir={args.out}")
     if args.captions:
@@ -72,6 +76,14 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     report = inspect_shards(args.shards)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from knowlip.data.verify import format_report, verify_shards
+
+    report = verify_shards(args.shards, args.jobs)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
 
 
 def cmd_data_replay(args: argparse.Namespace) -> int:
@@ -308,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("pack", help="pack GeoTIFFs + captions into WebDataset shards")
-    p.add_argument("--inputs", nargs="+", help="GeoTIFF files or folders (pack.inputs)")
+    p.add_argument("--inputs", nargs="+", help="GeoTIFF files or folders (pack.inputs); existing paths given "
+                   "without --inputs count too")
     p.add_argument("--captions", help="caption JSONL (pack.captions)")
     p.add_argument("--out", help="output folder (pack.out_dir)")
     _add_config_args(p)
@@ -382,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("shards", help="a folder holding index.json")
     ins.add_argument("--json", action="store_true", help="print JSON instead of text")
     ins.set_defaults(func=cmd_data_inspect)
+    ver = dsub.add_parser("verify", help="every shard's sha256 and every sample's checksums; non-zero exit on damage")
+    ver.add_argument("shards", help="shard folder (index.json)")
+    ver.add_argument("--jobs", type=int, default=1, help="shards checked in parallel")
+    ver.add_argument("--json", action="store_true")
+    ver.set_defaults(func=cmd_data_verify)
     rep = dsub.add_parser("replay", help="print the sample keys each rank gets at each step (one JSON line a step)")
     rep.add_argument("shards", help="a folder holding index.json")
     rep.add_argument("--world-size", type=int, default=1)
@@ -399,7 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # overrides after an option (`pack DIR --out OUT key=value`) land here; anything else is an error
+        if not hasattr(args, "overrides") or any(u.startswith("-") for u in unknown):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = list(args.overrides) + unknown
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

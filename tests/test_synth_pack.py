@@ -100,6 +100,11 @@ def test_cli_synth_pack_inspect(tmp_path):
     out = run("pack", "pack.chip.size=32", "pack.chip.stride=32")
     assert out.returncode == 0, out.stderr
     assert "packed 8 samples from 2 scenes" in out.stdout
+    positional = run("pack", "runs/quickstart/scenes", "--out", "positional", "pack.chip.size=32",
+                     "pack.chip.stride=32")  # inputs as positional arguments, as a new user types them
+    assert positional.returncode == 0 and "packed 8 samples from 2 scenes" in positional.stdout, positional.stderr
+    missing_input = run("pack", "no_such_dir", "--out", "x")
+    assert missing_input.returncode == 2 and "'no_such_dir' is not of the form key=value" in missing_input.stderr
     ins = run("data", "inspect", "runs/quickstart/shards", "--json")
     report = json.loads(ins.stdout)
     assert report["samples"] == 8 and report["clause_counts"]["water"] == 8

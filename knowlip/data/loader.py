@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from knowlip.data.shards import (CAPTION_EXT, CHIP_EXT, META_EXT, ShardError, ShardIndex, load_index, npy_header,
-                                  read_sample_bytes)
+from knowlip.data.shards import (CAPTION_EXT, CHIP_EXT, META_EXT, CorruptSample, ShardError, ShardIndex, load_index,
+                                  npy_header, read_sample_bytes)
 from knowlip.launch.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
@@ -190,14 +190,15 @@ class _RankSteps(IterableDataset):
                 samples.append(decode_sample(reader.read(int(gid)), self.decode_chip))
             except (ShardError, tarfile.TarError, ValueError, KeyError, UnicodeDecodeError, EOFError) as exc:
                 shard, i = reader.key_of(int(gid))
-                errors.append(f"{shard}#{i}: {type(exc).__name__}: {exc}")
+                cause = "checksum" if isinstance(exc, CorruptSample) else "unreadable"
+                errors.append(f"{cause}: {shard}#{i}: {type(exc).__name__}: {exc}")
                 samples.append(None)
         good = [s for s in samples if s is not None]
         if good and self.decode_chip:  # the batch's layout is its most common one; odd chips are damaged
             layout = Counter((s.chip.dtype.str, s.chip.shape) for s in good).most_common(1)[0][0]
             for j, s in enumerate(samples):
                 if s is not None and (s.chip.dtype.str, s.chip.shape) != layout:
-                    errors.append(f"{s.key}: chip {s.chip.dtype}{s.chip.shape} differs from the batch's "
+                    errors.append(f"layout: {s.key}: chip {s.chip.dtype}{s.chip.shape} differs from the batch's "
                                   f"{np.dtype(layout[0])}{layout[1]}")
                     samples[j] = None
             good = [s for s in samples if s is not None]
@@ -216,6 +217,7 @@ class LoaderStats:
     skipped: int = 0
     dropped_at_epoch_end: int = 0
     skipped_examples: list[str] = field(default_factory=list)  # the first few, for the log
+    skipped_by_cause: dict = field(default_factory=dict)  # checksum | unreadable | layout -> count
 
 
 class StreamingLoader:
@@ -286,6 +288,9 @@ class StreamingLoader:
             self.stats.skipped += len(batch["skipped"])
             self.stats.skipped_examples = (self.stats.skipped_examples + batch["skipped"])[:20]
             for msg in batch["skipped"]:
+                cause = msg.split(":", 1)[0]
+                self.stats.skipped_by_cause[cause] = self.stats.skipped_by_cause.get(cause, 0) + 1
+            for msg in batch["skipped"]:
                 log.warning("skipped sample %s", msg)
 
     # -- resumable state ---------------------------------------------------------------------------------
@@ -296,7 +301,8 @@ class StreamingLoader:
                 "num_samples": self.num_samples, "fingerprint": self.index.fingerprint(),
                 "world_size": self.world_size, "batch_size": self.batch_size,
                 "stats": {"samples": self.stats.samples, "skipped": self.stats.skipped,
-                          "dropped_at_epoch_end": self.stats.dropped_at_epoch_end}}
+                          "dropped_at_epoch_end": self.stats.dropped_at_epoch_end,
+                          "skipped_by_cause": dict(self.stats.skipped_by_cause)}}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` stopped; the world size, worker count and batch size may differ."""
@@ -313,7 +319,8 @@ class StreamingLoader:
         same_layout = state["world_size"] == self.world_size and state["batch_size"] == self.batch_size
         self.step_in_epoch = int(state["step_in_epoch"]) if same_layout else 0
         stats = state.get("stats", {})
-        self.stats = LoaderStats(stats.get("samples", 0), stats.get("skipped", 0), stats.get("dropped_at_epoch_end", 0))
+        self.stats = LoaderStats(stats.get("samples", 0), stats.get("skipped", 0), stats.get("dropped_at_epoch_end", 0),
+                                 skipped_by_cause=dict(stats.get("skipped_by_cause", {})))
 
 
 def _check_uniform(index: ShardIndex) -> None:

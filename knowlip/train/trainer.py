@@ -390,7 +390,9 @@ class Trainer:
                        **self.scio_stats.take_window(self.engine.all_reduce_sum)}
         return {"step": self.step, "epoch": self.loader.epoch, "lr": self.lr_at(self.step - 1), **scio_fields,
                 **{k: clean(v) for k, v in values.items()}, **throughput,
-                "skipped_samples": self.loader.stats.skipped, "world_size": self.world_size,
+                "skipped_samples": self.loader.stats.skipped,
+                **{f"skipped_{cause}": n for cause, n in self.loader.stats.skipped_by_cause.items()},
+                "world_size": self.world_size,
                 "global_batch": self.global_batch, "nonfinite_skipped": self.nonfinite_skipped,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "max_mem_gib": round(mem, 3), "mem_kind": "gpu_peak" if self.device.type == "cuda" else "host_rss"}
