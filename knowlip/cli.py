@@ -51,6 +51,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
         extra.append("pack.inputs=[" + ",".join(json.dumps(str(i)) for i in inputs) + "]")
     if args.out:
         extra.append(f"pack.out_dir={args.out}")
+    if args.jobs:
+        extra.append(f"pack.jobs={args.jobs}")
     if args.captions:
         extra.append(f"pack.captions={args.captions}")
     cfg = _config(args, extra)
@@ -324,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "without --inputs count too")
     p.add_argument("--captions", help="caption JSONL (pack.captions)")
     p.add_argument("--out", help="output folder (pack.out_dir)")
+    p.add_argument("--jobs", type=int, help="processes reading and encoding scenes (pack.jobs); same output")
     _add_config_args(p)
     p.set_defaults(func=cmd_pack)
 

@@ -72,6 +72,7 @@ class PackConfig:
     out_dir: str = "runs/quickstart/shards"
     shard_max_samples: int = 256
     shard_max_bytes: int = 256 * 2**20
+    jobs: int = 1  # processes reading and encoding scenes (the output is identical for any number)
     # What to do with a chip whose scene/chip has no caption: "skip" it, or keep it with a caption made of the
     # geographic clause only ("geo_only").
     missing_caption: str = "skip"

@@ -142,3 +142,23 @@ def test_repacking_into_fewer_shards_removes_the_stale_ones(tmp_path):
                      "pack.shard_max_samples=100"))
     assert [p.name for p in (tmp_path / "shards").glob("shard-*.tar")] == ["shard-000000.tar"]
     assert load_index(tmp_path / "shards").total_samples == 8
+
+
+def test_pack_in_parallel_writes_the_same_bytes(tmp_path):
+    """pack.jobs=3 vs 1 on the same scenes (one of them not a raster): every shard and index.json identical."""
+    from knowlip.sar.synth import synthesise_from_config
+
+    cfg = make_config(tmp_path, "synth.num_scenes=5", "synth.size=96", "pack.chip.size=32", "pack.chip.stride=32",
+                      "pack.shard_max_samples=7")
+    synthesise_from_config(cfg)
+    (tmp_path / "scenes" / "broken.tif").write_bytes(b"not a tiff")
+    outputs = {}
+    for jobs in (1, 3):
+        out = tmp_path / f"shards{jobs}"
+        _, report = pack(make_config(tmp_path, "pack.chip.size=32", "pack.chip.stride=32", "pack.shard_max_samples=7",
+                                     f"pack.out_dir={out}", f"pack.jobs={jobs}"))
+        assert report.scenes_packed == 5 and len(report.skipped_files) == 1 and report.samples > 21
+        outputs[jobs] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert list(outputs[1]) == list(outputs[3]) and len(outputs[1]) >= 4  # several shards + index.json
+    for name in outputs[1]:
+        assert outputs[1][name] == outputs[3][name], name

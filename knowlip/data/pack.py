@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -32,24 +34,79 @@ class PackReport:
 
 
 def pack(cfg) -> tuple[Path, PackReport]:
-    """Pack `cfg.pack.inputs` into shards under `cfg.pack.out_dir`; returns (index path, report)."""
+    """Pack `cfg.pack.inputs` into shards under `cfg.pack.out_dir`; returns (index path, report).
+
+    `pack.jobs` > 1 reads and encodes scenes in that many processes (each holds a scene's encoded chips in memory,
+    at most 2 x jobs scenes at a time) while this process writes them in input order: the shards and index.json
+    are byte for byte those of `pack.jobs=1`, which streams one scene at a time."""
     p = cfg.pack
     started = time.perf_counter()
     files = find_rasters(p.inputs)
-    captions = CaptionIndex(_caption_file(p))
+    caption_file = _caption_file(p)
+    captions = CaptionIndex(caption_file)
     report = PackReport(caption_errors=list(captions.errors))
     writer = ShardWriter(p.out_dir, p.shard_max_samples, p.shard_max_bytes)
-    with tqdm(files, desc="pack", unit="scene", dynamic_ncols=True) as bar:
-        for path in bar:
+    with tqdm(total=len(files), desc="pack", unit="scene", dynamic_ncols=True) as bar:
+        for path, samples, error in _scenes(files, p, captions, caption_file):
             try:
-                _pack_scene(path, p, captions, writer, report)
-            except SarReadError as exc:
-                report.skipped_files.append({"file": str(path), "reason": str(exc)})
+                _write_scene(samples, writer, report)
+            except SarReadError as exc:  # a scene read here (jobs=1) fails part-way
+                error = str(exc)
+            if error is None:
+                report.scenes_packed += 1
+            else:
+                report.skipped_files.append({"file": str(path), "reason": error})
+            bar.update(1)
             bar.set_postfix(samples=report.samples, skipped=len(report.skipped_files))
     shards = writer.finish()
     report.seconds = round(time.perf_counter() - started, 3)
-    info = {"chip_size": p.chip.size, "inputs": [str(f) for f in files], "report": report.as_dict()}
+    info = {"chip_size": p.chip.size, "inputs": [str(f) for f in files],
+            "report": {k: v for k, v in report.as_dict().items() if k != "seconds"}}  # no timing: reproducible
     return write_index(p.out_dir, shards, info), report
+
+
+def _scenes(files: list[Path], p, captions: CaptionIndex, caption_file: str | None):
+    """(path, samples, error) per scene in input order: streamed here when pack.jobs=1, else encoded by a pool."""
+    if p.jobs <= 1:
+        for path in files:
+            yield path, _scene_samples(path, p, captions), None
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=p.jobs, initializer=_init_worker, initargs=(caption_file,)) as pool:
+        pending: collections.deque = collections.deque()
+        todo = iter(files)
+        for path in todo:
+            pending.append((path, pool.submit(_encode_scene, path, p)))
+            if len(pending) >= 2 * p.jobs:
+                break
+        while pending:
+            path, future = pending.popleft()
+            samples, error = future.result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_encode_scene, nxt, p)))
+            yield path, iter(samples), error
+
+
+_WORKER_CAPTIONS: CaptionIndex | None = None
+
+
+def _init_worker(caption_file: str | None) -> None:
+    global _WORKER_CAPTIONS
+    _WORKER_CAPTIONS = CaptionIndex(caption_file)
+
+
+def _encode_scene(path: Path, p) -> tuple[list, str | None]:
+    """In a pool worker: a scene's samples, and the error that stopped it part-way (its chips so far are kept,
+    as the streaming path keeps what it wrote)."""
+    samples: list = []
+    try:
+        for sample in _scene_samples(path, p, _WORKER_CAPTIONS):
+            samples.append(sample)
+    except SarReadError as exc:
+        return samples, str(exc)
+    return samples, None
 
 
 def _caption_file(p) -> str | None:
@@ -62,21 +119,31 @@ def _caption_file(p) -> str | None:
     return None
 
 
-def _pack_scene(path: Path, p, captions: CaptionIndex, writer: ShardWriter, report: PackReport) -> None:
+def _scene_samples(path: Path, p, captions: CaptionIndex) -> Iterator[tuple | None]:
+    """(key, members, bands, dtype) for each captioned chip of a scene, None for a chip without a caption."""
     chips = iter_chips(path, p.chip.size, p.chip.stride, p.chip.min_valid_fraction, p.read.product,
                        list(p.read.band_names))
     for chip in chips:
         caption = captions.lookup(chip.chip_id, chip.meta["scene_id"])
         text, spans = _caption_for(caption, chip.meta, p)
         if text is None:
-            report.chips_without_caption += 1
+            yield None
             continue
         meta = dict(chip.meta, keyword_spans=spans)
-        writer.write(chip.chip_id, encode_sample(chip.data, text, meta))
-        report.bands["+".join(chip.meta["polarisations"])] += 1
-        report.dtypes[str(chip.data.dtype)] += 1
+        yield (chip.chip_id, encode_sample(chip.data, text, meta), "+".join(chip.meta["polarisations"]),
+               str(chip.data.dtype))
+
+
+def _write_scene(samples: Iterator[tuple | None], writer: ShardWriter, report: PackReport) -> None:
+    for sample in samples:
+        if sample is None:
+            report.chips_without_caption += 1
+            continue
+        key, members, bands, dtype = sample
+        writer.write(key, members)
+        report.bands[bands] += 1
+        report.dtypes[dtype] += 1
         report.samples += 1  # counted as written: a scene that fails later keeps its chips in the shards
-    report.scenes_packed += 1
 
 
 def _caption_for(caption: Caption | None, meta: dict, p) -> tuple[str | None, list]:
