@@ -55,8 +55,18 @@ def cmd_pack(args: argparse.Namespace) -> int:
         extra.append(f"pack.jobs={args.jobs}")
     if args.captions:
         extra.append(f"pack.captions={args.captions}")
+    cluster_overrides, args.overrides = _split_cluster_overrides(args.overrides)
     cfg = _config(args, extra)
-    index_path, report = pack(cfg)
+    if args.cluster:  # a Slurm array of --array tasks, then one merge here
+        from knowlip.data.pack import pack_on_slurm
+        from knowlip.launch import slurm
+
+        profile = slurm.load_profile(args.cluster, cluster_overrides)
+        slurm.apply_environment(profile)
+        index_path, report, job_ids = pack_on_slurm(cfg, profile, args.array)
+        print(f"packed on Slurm by array job {job_ids[0].split('_')[0]} ({len(job_ids)} tasks), merged here")
+    else:
+        index_path, report = pack(cfg)
     print(f"packed {report.samples} samples from {report.scenes_packed} scenes into {index_path.parent} "
           f"({report.seconds:.1f} s)")
     for skipped in report.skipped_files:
@@ -327,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", help="caption JSONL (pack.captions)")
     p.add_argument("--out", help="output folder (pack.out_dir)")
     p.add_argument("--jobs", type=int, help="processes reading and encoding scenes (pack.jobs); same output")
+    p.add_argument("--cluster", help="pack on Slurm with this cluster profile (a submitit array job, then a merge)")
+    p.add_argument("--array", type=int, default=4, help="array tasks for --cluster (each packs a share of scenes)")
     _add_config_args(p)
     p.set_defaults(func=cmd_pack)
 

@@ -181,3 +181,23 @@ def test_requeue_limit_ends_the_job_failed_and_jobs_says_why(tiny_train_base, tm
     assert "not requeued" in row["why"] and "cluster.max_requeues=0" in row["why"]
     table = knowlip(tmp_path, "jobs").stdout
     assert job in table and "cluster.max_requeues=0" in table
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("cluster")
+def test_pack_as_a_slurm_array_equals_a_local_pack(tmp_path):
+    from conftest import make_config
+    from knowlip.sar.synth import synthesise_from_config
+
+    synthesise_from_config(make_config(tmp_path, "synth.num_scenes=4", "synth.size=96"))
+    common = [f"pack.inputs=[{tmp_path}/scenes]", "pack.chip.size=32", "pack.chip.stride=32",
+              "pack.shard_max_samples=9"]
+    local = knowlip(tmp_path, "pack", *common, f"pack.out_dir={tmp_path}/local")
+    assert local.returncode == 0, local.stderr
+    array = knowlip(tmp_path, "pack", "--cluster", "local", "--array", "3", *common, f"pack.out_dir={tmp_path}/array")
+    assert array.returncode == 0, array.stdout + array.stderr
+    assert "(3 tasks), merged here" in array.stdout
+    names = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "array").iterdir())
+    for name in names:
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "array" / name).read_bytes(), name

@@ -162,3 +162,28 @@ def test_pack_in_parallel_writes_the_same_bytes(tmp_path):
     assert list(outputs[1]) == list(outputs[3]) and len(outputs[1]) >= 4  # several shards + index.json
     for name in outputs[1]:
         assert outputs[1][name] == outputs[3][name], name
+
+
+def test_packing_in_parts_and_merging_writes_the_same_bytes(tmp_path):
+    """The Slurm array's pieces, run here: 3 contiguous parts (one holding a broken file) merged == a local pack."""
+    from knowlip.config import to_yaml
+    from knowlip.data.pack import merge_parts, pack_part, split_files
+    from knowlip.sar.geotiff import find_rasters
+    from knowlip.sar.synth import synthesise_from_config
+
+    base = ["pack.chip.size=32", "pack.chip.stride=32", "pack.shard_max_samples=7"]
+    synthesise_from_config(make_config(tmp_path, "synth.num_scenes=5", "synth.size=96"))
+    (tmp_path / "scenes" / "broken.tif").write_bytes(b"not a tiff")
+    local = make_config(tmp_path, *base, f"pack.out_dir={tmp_path}/local")
+    pack(local)
+    merged = make_config(tmp_path, *base, f"pack.out_dir={tmp_path}/merged")
+    files = find_rasters(merged.pack.inputs)
+    shares = split_files(files, 3)
+    assert [f for s in shares for f in s] == files and all(shares)
+    parts = [pack_part(to_yaml(merged), [str(f) for f in s], str(tmp_path / f"part{i}")) for i, s in enumerate(shares)]
+    merge_parts(merged, files, parts)
+    ours = {p.name: p.read_bytes() for p in sorted((tmp_path / "merged").iterdir())}
+    theirs = {p.name: p.read_bytes() for p in sorted((tmp_path / "local").iterdir())}
+    assert list(ours) == list(theirs)
+    for name in ours:
+        assert ours[name] == theirs[name], name

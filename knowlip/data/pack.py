@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from knowlip.data.shards import ShardWriter, encode_sample, write_index
+from knowlip.data.shards import MEMBERS, ShardWriter, encode_sample, load_index, read_sample_bytes, write_index
 from knowlip.sar.geotiff import SarReadError, find_rasters, iter_chips
 from knowlip.text.caption import GEO_FIELD, Caption, CaptionIndex, geo_clause
 
@@ -42,10 +43,15 @@ def pack(cfg) -> tuple[Path, PackReport]:
     p = cfg.pack
     started = time.perf_counter()
     files = find_rasters(p.inputs)
+    writer = ShardWriter(p.out_dir, p.shard_max_samples, p.shard_max_bytes)
+    report = _pack_files(files, p, writer)
+    return _finish(p, files, writer, report, started)
+
+
+def _pack_files(files: list[Path], p, writer: ShardWriter) -> PackReport:
     caption_file = _caption_file(p)
     captions = CaptionIndex(caption_file)
     report = PackReport(caption_errors=list(captions.errors))
-    writer = ShardWriter(p.out_dir, p.shard_max_samples, p.shard_max_bytes)
     with tqdm(total=len(files), desc="pack", unit="scene", dynamic_ncols=True) as bar:
         for path, samples, error in _scenes(files, p, captions, caption_file):
             try:
@@ -58,11 +64,88 @@ def pack(cfg) -> tuple[Path, PackReport]:
                 report.skipped_files.append({"file": str(path), "reason": error})
             bar.update(1)
             bar.set_postfix(samples=report.samples, skipped=len(report.skipped_files))
+    return report
+
+
+def _finish(p, files: list[Path], writer: ShardWriter, report: PackReport, started: float) -> tuple[Path, PackReport]:
     shards = writer.finish()
     report.seconds = round(time.perf_counter() - started, 3)
     info = {"chip_size": p.chip.size, "inputs": [str(f) for f in files],
             "report": {k: v for k, v in report.as_dict().items() if k != "seconds"}}  # no timing: reproducible
     return write_index(p.out_dir, shards, info), report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing as a Slurm array: each task packs a contiguous share of the scenes into one part; one merge writes
+# the final shards in scene order, so the output equals a local pack's byte for byte.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def split_files(files: list[Path], parts: int) -> list[list[Path]]:
+    """Contiguous shares, in input order (concatenated they are the input order again)."""
+    bounds = [len(files) * i // parts for i in range(parts + 1)]
+    return [files[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def pack_part(cfg_yaml: str, files: list[str], part_dir: str) -> str:
+    """One array task: its scenes into a single part tar + index.json (the report rides along)."""
+    from omegaconf import OmegaConf
+
+    p = OmegaConf.create(cfg_yaml).pack
+    writer = ShardWriter(part_dir, 2**62, 2**62)
+    report = _pack_files([Path(f) for f in files], p, writer)
+    write_index(part_dir, writer.finish(), {"report": report.as_dict()})
+    return part_dir
+
+
+def merge_parts(cfg, files: list[Path], part_dirs: list[str]) -> tuple[Path, PackReport]:
+    """The parts' samples (checked against their checksums) re-written in order with the real shard limits."""
+    p = cfg.pack
+    started = time.perf_counter()
+    writer = ShardWriter(p.out_dir, p.shard_max_samples, p.shard_max_bytes)
+    report = PackReport()
+    for n, part_dir in enumerate(part_dirs):
+        index = load_index(part_dir)
+        part = index.info["report"]
+        report.caption_errors = report.caption_errors or ([] if n else list(part["caption_errors"]))
+        for shard in index.shards:
+            with index.path(shard).open("rb") as f:
+                for i in range(shard.samples):
+                    members = read_sample_bytes(f, shard, i)
+                    writer.write(members.pop("__key__").decode(), {ext: members[ext] for ext in MEMBERS})
+        report.scenes_packed += part["scenes_packed"]
+        report.samples += part["samples"]
+        report.chips_without_caption += part["chips_without_caption"]
+        report.skipped_files += part["skipped_files"]
+        report.bands.update(part["bands"])
+        report.dtypes.update(part["dtypes"])
+    return _finish(p, files, writer, report, started)
+
+
+def pack_on_slurm(cfg, profile, tasks: int) -> tuple[Path, PackReport, list[str]]:
+    """Submit `tasks` array tasks (one CPU task each, resources from the cluster profile), wait, merge here.
+    Returns (index path, report, job ids)."""
+    import shutil
+
+    from knowlip.config import to_yaml
+    from knowlip.launch import slurm
+
+    files = find_rasters(cfg.pack.inputs)
+    shares = [share for share in split_files(files, max(1, min(tasks, len(files)))) if share]
+    parts_root = Path(cfg.pack.out_dir).resolve().parent / f".{Path(cfg.pack.out_dir).name}.parts"
+    shutil.rmtree(parts_root, ignore_errors=True)
+    part_dirs = [str(parts_root / f"part-{i:05d}") for i in range(len(shares))]
+    slurm.check_against_cluster(dataclasses.replace(profile, nodes=1, tasks_per_node=1, gpus_per_node=0))
+    folder = (Path(profile.folder) / f"{time.strftime('%Y%m%d-%H%M%S')}-pack").resolve()
+    executor = slurm.make_executor(dataclasses.replace(profile, nodes=1, tasks_per_node=1, gpus_per_node=0),
+                                   folder, "knowlip-pack")
+    cfg_yaml = to_yaml(cfg)
+    jobs = executor.map_array(pack_part, [cfg_yaml] * len(shares), [[str(f) for f in s] for s in shares], part_dirs)
+    for job in jobs:
+        job.result()  # raises the task's error
+    index_path, report = merge_parts(cfg, files, part_dirs)
+    shutil.rmtree(parts_root, ignore_errors=True)
+    return index_path, report, [str(j.job_id) for j in jobs]
 
 
 def _scenes(files: list[Path], p, captions: CaptionIndex, caption_file: str | None):
