@@ -60,3 +60,27 @@ def test_state_of_another_dataset_with_the_same_sample_count_is_refused(synth_sh
     assert target.num_samples == source.num_samples
     with pytest.raises(ValueError, match="fingerprint"):
         target.load_state_dict(source.state_dict())
+
+
+def test_lazy_order_is_todays_epoch_order_on_any_slice():
+    """The order computed lazily (no per-sample array) equals the materialised one, so runs resume unchanged."""
+    import numpy as np
+
+    from knowlip.data.loader import LazyOrder, epoch_order
+
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        sizes = [int(x) for x in rng.integers(0, 50, rng.integers(1, 12))]
+        if not sum(sizes):
+            continue
+        block, seed, epoch = int(rng.integers(1, 40)), int(rng.integers(0, 5)), int(rng.integers(0, 3))
+        full = epoch_order(sizes, seed, epoch, block)
+        lazy = LazyOrder(sizes, seed, epoch, block)
+        assert len(lazy) == len(full) and np.array_equal(lazy[0:len(full)], full), (sizes, block)
+        for _ in range(10):
+            a = int(rng.integers(0, len(full)))
+            b = int(rng.integers(a, len(full) + 1))
+            assert np.array_equal(lazy[a:b], full[a:b])
+    huge = LazyOrder([1000] * 1_000_000, 0, 0, 8192)  # 1e9 samples: set-up O(shards), no 8 GB array
+    ids = huge[500_000_000:500_000_064]
+    assert len(set(ids.tolist())) == 64 and ids.min() >= 0 and ids.max() < 10**9

@@ -55,6 +55,49 @@ def epoch_order(shard_sizes: Sequence[int], seed: int, epoch: int, block: int) -
     return order.astype(np.int64)
 
 
+class LazyOrder:
+    """epoch_order's sequence without materialising it: O(shards) set-up, then each block of `block` positions
+    is permuted on first use (and cached, one at a time). order[a:b] equals epoch_order(...)[a:b] exactly, so a
+    run resumes unchanged; memory no longer grows with the sample count."""
+
+    def __init__(self, shard_sizes: Sequence[int], seed: int, epoch: int, block: int):
+        sizes = np.asarray(shard_sizes, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        perm = np.random.default_rng([seed, epoch]).permutation(len(sizes))
+        self.seed, self.epoch, self.block = seed, epoch, block
+        self.length = int(starts[-1])
+        self._first_id = starts[:-1][perm]  # the shard-permuted concatenation: each piece's first sample id,
+        self._piece_ends = np.cumsum(sizes[perm])  # where each piece ends and starts in position
+        self._piece_starts = self._piece_ends - sizes[perm]
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _base(self, positions: np.ndarray) -> np.ndarray:
+        """Ids at these positions of the shard-permuted concatenation (before the block shuffle)."""
+        piece = np.searchsorted(self._piece_ends, positions, side="right")
+        return self._first_id[piece] + (positions - self._piece_starts[piece])
+
+    def _block_perm(self, b: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != b:
+            size = min(self.block, self.length - b * self.block)
+            self._cached = (b, np.random.default_rng([self.seed, self.epoch, b + 1]).permutation(size))
+        return self._cached[1]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(self.length)
+        if step != 1:
+            raise ValueError("LazyOrder supports contiguous slices only")
+        positions = np.arange(start, stop, dtype=np.int64)
+        out = np.empty(len(positions), dtype=np.int64)
+        for b in np.unique(positions // self.block):
+            mask = positions // self.block == b
+            lo = int(b) * self.block
+            out[mask] = self._base(lo + self._block_perm(int(b))[positions[mask] - lo])
+        return out
+
+
 def step_slices(num_samples: int, cursor: int, world_size: int, batch_size: int, drop_last: bool) -> list[list[tuple[int, int]]]:
     """For every remaining step of the epoch, each rank's [start, stop) positions in the canonical order."""
     full = world_size * batch_size
@@ -249,7 +292,7 @@ class StreamingLoader:
     def order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
             sizes = [s.samples for s in self.index.shards]
-            self._order_cache = (epoch, epoch_order(sizes, self.seed, epoch, self.shuffle_block))
+            self._order_cache = (epoch, LazyOrder(sizes, self.seed, epoch, self.shuffle_block))
         return self._order_cache[1]
 
     def remaining_steps(self) -> list[list[tuple[int, int]]]:
