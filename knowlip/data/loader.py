@@ -45,7 +45,8 @@ STATE_VERSION = 1
 
 
 def epoch_order(shard_sizes: Sequence[int], seed: int, epoch: int, block: int) -> np.ndarray:
-    """The canonical order of the epoch: global sample ids (shards numbered in index order)."""
+    """The canonical order of the epoch, materialised: global sample ids (shards numbered in index order). The
+    loader uses LazyOrder, the same sequence without the array; this is its definition and test oracle."""
     starts = np.concatenate([[0], np.cumsum(shard_sizes)])
     shard_perm = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes))
     order = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in shard_perm] or [np.zeros(0, np.int64)])
