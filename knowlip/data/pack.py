@@ -107,7 +107,8 @@ def merge_parts(cfg, files: list[Path], part_dirs: list[str]) -> tuple[Path, Pac
     for n, part_dir in enumerate(part_dirs):
         index = load_index(part_dir)
         part = index.info["report"]
-        report.caption_errors = report.caption_errors or ([] if n else list(part["caption_errors"]))
+        if n == 0:  # every part read the same caption file: its errors once
+            report.caption_errors = list(part["caption_errors"])
         for shard in index.shards:
             with index.path(shard).open("rb") as f:
                 for i in range(shard.samples):
@@ -135,10 +136,9 @@ def pack_on_slurm(cfg, profile, tasks: int) -> tuple[Path, PackReport, list[str]
     parts_root = Path(cfg.pack.out_dir).resolve().parent / f".{Path(cfg.pack.out_dir).name}.parts"
     shutil.rmtree(parts_root, ignore_errors=True)
     part_dirs = [str(parts_root / f"part-{i:05d}") for i in range(len(shares))]
-    slurm.check_against_cluster(dataclasses.replace(profile, nodes=1, tasks_per_node=1, gpus_per_node=0))
-    folder = (Path(profile.folder) / f"{time.strftime('%Y%m%d-%H%M%S')}-pack").resolve()
-    executor = slurm.make_executor(dataclasses.replace(profile, nodes=1, tasks_per_node=1, gpus_per_node=0),
-                                   folder, "knowlip-pack")
+    one_task = dataclasses.replace(profile, nodes=1, tasks_per_node=1, gpus_per_node=0)  # per array element
+    slurm.check_against_cluster(one_task)
+    executor = slurm.make_executor(one_task, slurm.submission_folder(one_task, "pack"), "knowlip-pack")
     cfg_yaml = to_yaml(cfg)
     jobs = executor.map_array(pack_part, [cfg_yaml] * len(shares), [[str(f) for f in s] for s in shares], part_dirs)
     for job in jobs:

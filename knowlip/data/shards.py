@@ -17,10 +17,11 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass, field
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+import xxhash
 
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
@@ -42,8 +43,6 @@ class CorruptSample(ShardError):
 
 def member_checksums(members: dict[str, bytes]) -> list[str]:
     """XXH3-64 hex digests of a sample's members, in MEMBERS order ('' for a missing one)."""
-    import xxhash
-
     return [xxhash.xxh3_64_hexdigest(members[ext]) if ext in members else "" for ext in MEMBERS]
 
 

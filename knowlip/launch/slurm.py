@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from knowlip.launch.signals import StopRequest
 
@@ -154,22 +154,25 @@ def partition_info(partition: Optional[str]) -> PartitionInfo:
 def check_against_cluster(p: ClusterProfile) -> PartitionInfo:
     """The request against what the partition offers: a clear message instead of a job pending forever."""
     info = partition_info(p.partition)
-    asked, offered = [], []
-    if p.nodes > info.nodes:
-        asked.append(f"{p.nodes} nodes"), offered.append(f"{info.nodes} nodes")
-    if p.tasks_per_node * p.cpus_per_task > info.cpus:
-        asked.append(f"{p.tasks_per_node} tasks x {p.cpus_per_task} CPUs per node")
-        offered.append(f"{info.cpus} CPUs per node")
-    if p.mem_gb is not None and p.mem_gb * 1024 > info.memory_mb:
-        asked.append(f"{p.mem_gb:g} GB per node"), offered.append(f"{info.memory_mb / 1024:.1f} GB per node")
-    if p.gpus_per_node > info.gpus:
-        asked.append(f"{p.gpus_per_node} GPUs per node"), offered.append(f"{info.gpus} GPUs per node")
-    if info.time_limit_min is not None and p.time_min > info.time_limit_min:
-        asked.append(f"{p.time_min} min"), offered.append(f"a limit of {info.time_limit_min} min")
-    if asked:
-        raise SlurmError(f"cluster profile {p.name!r} asks for {', '.join(asked)}; partition {info.name!r} offers "
-                         f"{', '.join(offered)}")
+    # (asked for more than offered, what was asked, what is offered)
+    limits = [(p.nodes > info.nodes, f"{p.nodes} nodes", f"{info.nodes} nodes"),
+              (p.tasks_per_node * p.cpus_per_task > info.cpus,
+               f"{p.tasks_per_node} tasks x {p.cpus_per_task} CPUs per node", f"{info.cpus} CPUs per node"),
+              ((p.mem_gb or 0) * 1024 > info.memory_mb, f"{p.mem_gb or 0:g} GB per node",
+               f"{info.memory_mb / 1024:.1f} GB per node"),
+              (p.gpus_per_node > info.gpus, f"{p.gpus_per_node} GPUs per node", f"{info.gpus} GPUs per node"),
+              (info.time_limit_min is not None and p.time_min > info.time_limit_min, f"{p.time_min} min",
+               f"a limit of {info.time_limit_min} min")]
+    exceeded = [(asked, offered) for over, asked, offered in limits if over]
+    if exceeded:
+        raise SlurmError(f"cluster profile {p.name!r} asks for {', '.join(a for a, _ in exceeded)}; partition "
+                         f"{info.name!r} offers {', '.join(o for _, o in exceeded)}")
     return info
+
+
+def submission_folder(p: ClusterProfile, job_name: str) -> Path:
+    """A fresh submitit folder per submission (a restarted cluster reuses job ids)."""
+    return (Path(p.folder) / f"{time.strftime('%Y%m%d-%H%M%S')}-{job_name}").resolve()
 
 
 def make_executor(p: ClusterProfile, folder: Path, job_name: str):
@@ -189,7 +192,7 @@ def make_executor(p: ClusterProfile, folder: Path, job_name: str):
 def submit(task: "SlurmTask", p: ClusterProfile, job_name: str) -> dict:
     """sbatch the task; returns the registry entry (job id, folders). The request was checked first."""
     check_against_cluster(p)
-    folder = (Path(p.folder) / f"{time.strftime('%Y%m%d-%H%M%S')}-{job_name}").resolve()
+    folder = submission_folder(p, job_name)
     executor = make_executor(p, folder, job_name)
     try:
         job = executor.submit(task)
@@ -242,10 +245,6 @@ class SlurmTask:
                 print(f"knowlip: {exc}", file=sys.stderr)
         raise SystemExit(0)  # no result file: the job is not over, its requeued run will write one
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> None:
-        """submitit calls this only through its own handler, which __call__ replaced; nothing to do."""
-        return None
-
 
 def write_status(run_dir: Path, job_id: str, event: str, message: str) -> None:
     path = Path(run_dir) / STATUS_FILE
@@ -285,10 +284,9 @@ def job_summary(entry: dict) -> dict:
     requeues = sum(1 for r in records if r["state"].startswith("REQUEUED"))
     run_dir = Path(entry["run_dir"])
     step = None
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        lines = metrics.read_text().splitlines()
-        step = json.loads(lines[-1]).get("step") if lines else None
+    last = _last_line(run_dir / "metrics.jsonl")
+    if last:
+        step = json.loads(last).get("step")
     why = ""
     status = run_dir / STATUS_FILE
     if status.is_file():
@@ -300,6 +298,16 @@ def job_summary(entry: dict) -> dict:
     mlflow_run = json.loads(mlflow_file.read_text())["run_id"] if mlflow_file.is_file() else None
     return {**{k: entry[k] for k in ("job_id", "job_name", "run_dir")}, "state": state, "requeues": requeues,
             "step": step, "mlflow_run": mlflow_run, "why": why}
+
+
+def _last_line(path: Path, tail: int = 1 << 16) -> str:
+    """The last line of a file without reading all of it (metrics.jsonl of a long run is large)."""
+    if not path.is_file():
+        return ""
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - tail))
+        lines = f.read().decode(errors="replace").splitlines()
+    return lines[-1] if lines else ""
 
 
 def _error_line(log_dir: Path, job_id: str) -> str:

@@ -201,11 +201,11 @@ class Trainer:
             return None, None
         tracker = None
         if self.rank == 0:
+            new_run = self.mlflow_run_id is None  # a resume reopens its run: the facts were logged then
             resumed = self.step if self.resumed_from is not None else None
             tracker = MlflowTracker.start(self.cfg, self.mlflow_run_id, resumed, self.resume_changes,
-                                          static=self._run_facts())
-            if tracker is not None and self.mlflow_run_id is None and isinstance(getattr(self.engine, "config", None),
-                                                                                dict):
+                                          static=self._run_facts() if new_run else None)
+            if tracker is not None and new_run and isinstance(getattr(self.engine, "config", None), dict):
                 tracker.log_artifact_text(json.dumps(self.engine.config, indent=1), "deepspeed_config.json")
         run_id, uri = broadcast_object((tracker.run_id, tracker.uri) if tracker else (None, None))
         system = None
