@@ -25,12 +25,16 @@ class JsonLines:
 
 
 class Timer:
-    """Median milliseconds of fn(): CUDA events on a GPU, perf_counter otherwise."""
+    """Median milliseconds of fn(): CUDA events on a GPU, perf_counter otherwise.
+
+    `back_to_back` calls are enqueued between the two events and the time divided by their number: a single
+    call's events also time the host's work before its launch (tens of microseconds of Python for a kernel
+    wrapper), during which the GPU idles; back to back, the launches queue up behind the running kernel."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
 
-    def __call__(self, fn, repeats=20, warmup=3):
+    def __call__(self, fn, repeats=20, warmup=3, back_to_back=1):
         for _ in range(warmup):
             fn()
         times = []
@@ -38,12 +42,14 @@ class Timer:
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                for _ in range(back_to_back):
+                    fn()
                 end.record()
                 torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
+                times.append(start.elapsed_time(end) / back_to_back)
             else:
                 t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
+                for _ in range(back_to_back):
+                    fn()
+                times.append((time.perf_counter() - t) * 1e3 / back_to_back)
         return float(np.median(times))

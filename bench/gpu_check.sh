@@ -10,6 +10,10 @@
 # Full numbers go under $OUT (default runs/gpu_check); a short table is printed last.
 #
 #   bash bench/gpu_check.sh                     # on a GPU machine; prints "no GPU" and exits 0 elsewhere
+#   GPU_CHECK_PLAN=tune bash bench/gpu_check.sh # the follow-up: kernel launch sweep (bench/kernels.py --tune);
+#                                               # the 224 px step at batch 128: plain, plain with bf16 weights,
+#                                               # ZeRO-3, ZeRO-3 with whole blocks persistent, and also with
+#                                               # torch's linear instead of DeepSpeed's; each profiled
 #
 # The device machines lack deepspeed, omegaconf and their needs: put their wheels in .whl/ (see BENCHMARKS.md)
 # and they are installed into /tmp/site first. The real scenes travel as bench/sentinel1_db.npy
@@ -20,6 +24,7 @@ OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 TOTAL_S=${GPU_CHECK_BUDGET_S:-450}
+PLAN=${GPU_CHECK_PLAN:-full}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
 
@@ -38,16 +43,36 @@ left() { echo $((TOTAL_S - ($(date +%s) - START))); }
 status=0
 
 echo "== 1. SAR kernel"
-timeout 200 "$PY" bench/kernels.py --out "$OUT/kernels.jsonl" >"$OUT/kernels.log" 2>&1 || status=1
+timeout 200 "$PY" bench/kernels.py --out "$OUT/kernels.jsonl" $([ "$PLAN" = tune ] && echo --tune) \
+  >"$OUT/kernels.log" 2>&1 || status=1
 tail -n 12 "$OUT/kernels.log"
 
-echo "== 2. attention backends"
-timeout 100 "$PY" bench/attention.py --out "$OUT/attention.jsonl" >"$OUT/attention.log" 2>&1 || status=1
-grep -v '^{' "$OUT/attention.log" | grep -v Warning | tail -n 5
+if [ "$PLAN" = full ]; then
+  echo "== 2. attention backends"
+  timeout 100 "$PY" bench/attention.py --out "$OUT/attention.jsonl" >"$OUT/attention.log" 2>&1 || status=1
+  grep -v '^{' "$OUT/attention.log" | grep -v Warning | tail -n 5
 
-echo "== 3. training step ($(left) s left)"
-"$PY" bench/train_step.py --gpu --steps 6 --budget-s "$(( $(left) - 15 ))" --out "$OUT/train_step.jsonl" \
-  --profile-out "$OUT/profile_plain_224.txt" >"$OUT/train_step.log" 2>&1 || status=1
+  echo "== 3. training step ($(left) s left)"
+  "$PY" bench/train_step.py --gpu --steps 6 --budget-s "$(( $(left) - 15 ))" --out "$OUT/train_step.jsonl" \
+    --profile-out "$OUT/profile_plain_224.txt" >"$OUT/train_step.log" 2>&1 || status=1
+else
+  # name | train_step.py arguments; each case is its own child with the same 224 px batch, and profiled
+  cases=(
+    "plain|--groups plain/224/eager"
+    "plain_bf16_weights|--groups plain/224/eager --variant bf16_weights"
+    "zero3|--groups deepspeed/224/eager"
+    "zero3_persistent|--groups deepspeed/224/eager --override deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7"
+    "zero3_persistent_torch_linear|--groups deepspeed/224/eager --override deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7 --override deepspeed.zero_optimization.memory_efficient_linear=false"
+  )
+  for case in "${cases[@]}"; do
+    name=${case%%|*}
+    echo "== 3. training step: $name ($(left) s left)"
+    [ "$(left)" -lt 60 ] && { echo "   skipped: under 60 s left"; continue; }
+    "$PY" bench/train_step.py --gpu --steps 6 --ac off --batches 224:128 --budget-s "$(( $(left) - 10 ))" \
+      --out "$OUT/train_step.jsonl" --profile-out "$OUT/profile_$name.txt" ${case#*|} \
+      >"$OUT/train_step_$name.log" 2>&1 || status=1
+  done
+fi
 
 echo "== summary ($(( $(date +%s) - START )) s)"
 "$PY" - "$OUT" <<'EOF'
@@ -60,6 +85,9 @@ k = rows("kernels.jsonl")
 summary = next((r["summary"] for r in k if "summary" in r), None)
 print("kernel:", json.dumps(summary) if summary else "no summary (see kernels.log)")
 for r in k:
+    if "tune" in r:
+        print(f"  tune {r['tune']:>6} {r['out']:<9} unroll {r['unroll']} grid {r['grid']:<6} {r['kernel_ms']:>8.4f} ms "
+              f"= {r['bw_vs_copy']:.3f} x copy{'' if r['same_output'] else '  OUTPUT DIFFERS'}")
     if "timing" in r:
         print(f"  {r['timing']:>6} {r['out']:<9} kernel {r['kernel_GBps']:>7} GB/s = {r['bw_vs_copy']:.2f} x copy, "
               f"{r['speedup_vs_eager']:>5} x eager")
@@ -73,5 +101,9 @@ for r in rows("attention.jsonl"):
 sys.path.insert(0, "bench")
 from train_step import print_table
 print_table(rows("train_step.jsonl"))
+for r in rows("train_step.jsonl"):
+    if "profile" in r:
+        print(f"  profile {r['engine']}{'/' + r['variant'] if r.get('variant') else ''}: GPU busy "
+              f"{r['gpu_busy_share']:.0%} of {r['wall_s']} s wall ({r['cuda_kernels_s']} s of kernels, 2 steps)")
 EOF
 exit $status

@@ -8,11 +8,13 @@
 //   out = (dB - lo) / (hi - lo)                    (mode 0, "scale")
 //       = (dB - mean) / std                        (mode 1, "standardise")
 //   invalid -> fill, mask = 0.
-// One read of the input and one write of the output and mask: 16-byte vector loads, a grid-stride loop,
-// nothing in between. A vector never straddles two channels (the launcher checks H*W % VEC == 0 and
-// alignment, else it runs the same kernel with VEC = 1).
+// One read of the input and one write of the output and mask: 16-byte vector loads, tiles of one channel
+// plane looped over by one resident wave of blocks, nothing in between. A vector never straddles two channels
+// (the launcher checks H*W % VEC == 0 and alignment, else it runs the same kernel with VEC = 1).
 
 #include <cuda_bf16.h>
+
+#include <type_traits>
 
 #include "sar_norm.cuh"
 
@@ -64,14 +66,11 @@ KNOWLIP_HD Vec<In, VEC> load_vector(const In* __restrict__ in, long long v) {
   return *reinterpret_cast<const Vec<In, VEC>*>(in + v * VEC);
 }
 
-// One loaded vector of VEC elements (vector number v): the whole per-element computation, shared by the kernel
-// and by the host harness the CPU tests compile (tests/kernel_host_harness.cu), so the maths the GPU runs is
-// checked here too.
+// One loaded vector of VEC elements (vector number v, of channel c): the whole per-element computation.
 template <typename In, typename Out, int VEC>
 KNOWLIP_HD void normalise_loaded(const Vec<In, VEC>& x, Out* __restrict__ out, uint8_t* __restrict__ mask,
-                                 const SarNormArgs& a, long long v) {
+                                 const SarNormArgs& a, int c, long long v) {
   const long long i0 = v * VEC;
-  const int c = static_cast<int>((i0 / a.hw) % a.channels);
   const int kind = a.kind[c];
   const float lo = a.lo[c], hi = a.hi[c], scale = a.scale[c], offset = a.offset[c], gain = a.gain[c];
   Vec<Out, VEC> y;
@@ -88,33 +87,52 @@ KNOWLIP_HD void normalise_loaded(const Vec<In, VEC>& x, Out* __restrict__ out, u
   *reinterpret_cast<Vec<uint8_t, VEC>*>(mask + i0) = m;
 }
 
-template <typename In, typename Out, int VEC>
-KNOWLIP_HD void normalise_vector(const In* __restrict__ in, Out* __restrict__ out, uint8_t* __restrict__ mask,
-                                 const SarNormArgs& a, long long v) {
-  normalise_loaded<In, Out, VEC>(load_vector<In, VEC>(in, v), out, mask, a, v);
+// The work is cut into tiles of threads x UNROLL vectors that never leave one channel plane, so the channel (and
+// its parameters) is found once per tile, not by a 64-bit division per vector as in the first GPU runs.
+struct Tiling {
+  long long plane_vecs;      // vectors per channel plane
+  long long tiles_per_plane;
+  long long tiles;
+};
+
+KNOWLIP_HD Tiling tiling(const SarNormArgs& a, int vec, int tile_vecs) {
+  Tiling t;
+  t.plane_vecs = a.hw / vec;
+  t.tiles_per_plane = (t.plane_vecs + tile_vecs - 1) / tile_vecs;
+  t.tiles = (a.n / a.hw) * t.tiles_per_plane;
+  return t;
 }
 
-// Grid-stride loop, UNROLL vectors per thread per trip: all of a trip's loads are issued before any maths, so
-// each thread keeps UNROLL x 16 bytes in flight (one load per trip left the first GPU run at 61% of copy
-// bandwidth on 64 MB).
-constexpr int UNROLL = 4;
+// One thread's share of one tile: vectors thread, thread + threads, ... (coalesced across the block), all
+// UNROLL loads issued before any maths so that each thread keeps UNROLL x 16 bytes in flight. Shared by the
+// GPU kernel and the host harness the CPU tests compile (tests/kernel_host_harness.cu).
+template <typename In, typename Out, int VEC, int UNROLL>
+KNOWLIP_HD void normalise_tile(const In* __restrict__ in, Out* __restrict__ out, uint8_t* __restrict__ mask,
+                               const SarNormArgs& a, const Tiling& t, long long tile, int thread, int threads) {
+  const long long plane = tile / t.tiles_per_plane;
+  const int c = static_cast<int>(plane % a.channels);
+  const long long end = (plane + 1) * t.plane_vecs;
+  const long long first = plane * t.plane_vecs + (tile - plane * t.tiles_per_plane) * threads * UNROLL + thread;
+  Vec<In, VEC> x[UNROLL];
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    if (first + u * threads < end) x[u] = load_vector<In, VEC>(in, first + u * threads);
+  }
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    if (first + u * threads < end) normalise_loaded<In, Out, VEC>(x[u], out, mask, a, c, first + u * threads);
+  }
+}
 
-template <typename In, typename Out, int VEC>
-__global__ void __launch_bounds__(256) sar_norm_kernel(const In* __restrict__ in, Out* __restrict__ out,
-                                                       uint8_t* __restrict__ mask, const SarNormArgs a) {
-  const long long nvec = a.n / VEC;
-  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec;
-       v += UNROLL * stride) {
-    Vec<In, VEC> x[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      if (v + u * stride < nvec) x[u] = load_vector<In, VEC>(in, v + u * stride);
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      if (v + u * stride < nvec) normalise_loaded<In, Out, VEC>(x[u], out, mask, a, v + u * stride);
-    }
+constexpr int THREADS = 256;
+constexpr int DEFAULT_UNROLL = 4;
+
+template <typename In, typename Out, int VEC, int UNROLL>
+__global__ void __launch_bounds__(THREADS) sar_norm_kernel(const In* __restrict__ in, Out* __restrict__ out,
+                                                           uint8_t* __restrict__ mask, const SarNormArgs a,
+                                                           const Tiling t) {
+  for (long long tile = blockIdx.x; tile < t.tiles; tile += gridDim.x) {
+    normalise_tile<In, Out, VEC, UNROLL>(in, out, mask, a, t, tile, threadIdx.x, THREADS);
   }
 }
 
@@ -139,32 +157,55 @@ int sm_count() {
   return count;
 }
 
-template <typename In, typename Out, int VEC>
-cudaError_t launch(const void* in, void* out, uint8_t* mask, const SarNormArgs& a, cudaStream_t stream) {
-  const int threads = 256;
-  long long nvec = a.n / VEC;
-  long long wanted = (nvec + threads - 1) / threads;
-  long long cap = static_cast<long long>(sm_count()) * 8;  // enough resident warps; the loop covers the rest
-  int blocks = static_cast<int>(wanted < cap ? (wanted > 0 ? wanted : 1) : cap);
-  sar_norm_kernel<In, Out, VEC><<<blocks, threads, 0, stream>>>(static_cast<const In*>(in), static_cast<Out*>(out),
-                                                                mask, a);
+// Blocks: one resident wave (the occupancy calculator's blocks per SM x SMs) unless the launch says otherwise,
+// never more than there are tiles; the tile loop covers the rest.
+template <typename In, typename Out, int VEC, int UNROLL>
+cudaError_t launch(const void* in, void* out, uint8_t* mask, const SarNormArgs& a, int blocks_per_sm,
+                   cudaStream_t stream) {
+  static int resident = 0;
+  if (resident == 0) {
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, sar_norm_kernel<In, Out, VEC, UNROLL>, THREADS, 0);
+    if (resident <= 0) resident = 1;
+  }
+  const Tiling t = tiling(a, VEC, THREADS * UNROLL);
+  long long cap = static_cast<long long>(sm_count()) * (blocks_per_sm > 0 ? blocks_per_sm : resident);
+  int blocks = static_cast<int>(t.tiles < cap ? (t.tiles > 0 ? t.tiles : 1) : cap);
+  sar_norm_kernel<In, Out, VEC, UNROLL><<<blocks, THREADS, 0, stream>>>(
+      static_cast<const In*>(in), static_cast<Out*>(out), mask, a, t);
   return cudaGetLastError();
 }
 
+// Float input (the common case, and the one the bandwidth target is measured on) may take another unroll depth
+// for tuning (bench/kernels.py --tune); every other layout runs the default.
 template <typename In, typename Out, int VEC>
-cudaError_t dispatch_vec(const void* in, void* out, uint8_t* mask, const SarNormArgs& a, cudaStream_t s) {
-  return vector_path_ok<Out, VEC>(in, out, mask, a) ? launch<In, Out, VEC>(in, out, mask, a, s)
-                                                    : launch<In, Out, 1>(in, out, mask, a, s);
+cudaError_t launch_unrolled(const void* in, void* out, uint8_t* mask, const SarNormArgs& a, const SarNormLaunch& l,
+                            cudaStream_t s) {
+  if constexpr (VEC > 1 && std::is_same_v<In, float>) {
+    switch (l.unroll) {
+      case 1: return launch<In, Out, VEC, 1>(in, out, mask, a, l.blocks_per_sm, s);
+      case 2: return launch<In, Out, VEC, 2>(in, out, mask, a, l.blocks_per_sm, s);
+      case 8: return launch<In, Out, VEC, 8>(in, out, mask, a, l.blocks_per_sm, s);
+      default: break;
+    }
+  }
+  return launch<In, Out, VEC, DEFAULT_UNROLL>(in, out, mask, a, l.blocks_per_sm, s);
+}
+
+template <typename In, typename Out, int VEC>
+cudaError_t dispatch_vec(const void* in, void* out, uint8_t* mask, const SarNormArgs& a, const SarNormLaunch& l,
+                         cudaStream_t s) {
+  return vector_path_ok<Out, VEC>(in, out, mask, a) ? launch_unrolled<In, Out, VEC>(in, out, mask, a, l, s)
+                                                    : launch<In, Out, 1, DEFAULT_UNROLL>(in, out, mask, a, 0, s);
 }
 
 template <typename Out>
 cudaError_t dispatch_input(int input_kind, const void* in, void* out, uint8_t* mask, const SarNormArgs& a,
-                           cudaStream_t s) {
+                           const SarNormLaunch& l, cudaStream_t s) {
   switch (input_kind) {
-    case IN_FLOAT: return dispatch_vec<float, Out, 4>(in, out, mask, a, s);
-    case IN_COMPLEX_FLOAT: return dispatch_vec<float2, Out, 2>(in, out, mask, a, s);
-    case IN_COMPLEX_INT16: return dispatch_vec<short2, Out, 4>(in, out, mask, a, s);
-    case IN_UINT16: return dispatch_vec<unsigned short, Out, 8>(in, out, mask, a, s);
+    case IN_FLOAT: return dispatch_vec<float, Out, 4>(in, out, mask, a, l, s);
+    case IN_COMPLEX_FLOAT: return dispatch_vec<float2, Out, 2>(in, out, mask, a, l, s);
+    case IN_COMPLEX_INT16: return dispatch_vec<short2, Out, 4>(in, out, mask, a, l, s);
+    case IN_UINT16: return dispatch_vec<unsigned short, Out, 8>(in, out, mask, a, l, s);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -172,9 +213,11 @@ cudaError_t dispatch_input(int input_kind, const void* in, void* out, uint8_t* m
 }  // namespace
 
 extern "C" cudaError_t knowlip_sar_norm(int input_kind, const void* in, void* out, int out_bf16, uint8_t* mask,
-                                        const SarNormArgs* args, cudaStream_t stream) {
+                                        const SarNormArgs* args, const SarNormLaunch* launch, cudaStream_t stream) {
   if (args->n == 0) return cudaSuccess;
-  if (args->channels < 1 || args->channels > KNOWLIP_MAX_CHANNELS || args->hw < 1) return cudaErrorInvalidValue;
-  return out_bf16 ? dispatch_input<__nv_bfloat16>(input_kind, in, out, mask, *args, stream)
-                  : dispatch_input<float>(input_kind, in, out, mask, *args, stream);
+  if (args->channels < 1 || args->channels > KNOWLIP_MAX_CHANNELS || args->hw < 1 || args->n % args->hw != 0)
+    return cudaErrorInvalidValue;
+  const SarNormLaunch l = launch ? *launch : SarNormLaunch{0, 0};
+  return out_bf16 ? dispatch_input<__nv_bfloat16>(input_kind, in, out, mask, *args, l, stream)
+                  : dispatch_input<float>(input_kind, in, out, mask, *args, l, stream);
 }

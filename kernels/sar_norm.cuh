@@ -25,5 +25,13 @@ struct SarNormArgs {
   float gain[KNOWLIP_MAX_CHANNELS];    // uint16 DN: I = gain * dn^2
 };
 
+// How to launch (for tuning; 0 = the default): vectors in flight per thread, blocks per SM (default: one
+// resident wave, from the occupancy calculator).
+struct SarNormLaunch {
+  int unroll;
+  int blocks_per_sm;
+};
+
+// launch may be null (defaults).
 extern "C" cudaError_t knowlip_sar_norm(int input_kind, const void* in, void* out, int out_bf16, uint8_t* mask,
-                                        const SarNormArgs* args, cudaStream_t stream);
+                                        const SarNormArgs* args, const SarNormLaunch* launch, cudaStream_t stream);

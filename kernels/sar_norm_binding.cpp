@@ -12,7 +12,8 @@
 void sar_norm(torch::Tensor x, int64_t input_kind, torch::Tensor out, torch::Tensor mask, int64_t channels,
               int64_t hw, std::vector<int64_t> kind, std::vector<double> lo, std::vector<double> hi,
               std::vector<double> scale, std::vector<double> offset, std::vector<double> gain, int64_t mode,
-              double fill, c10::optional<double> nodata) {
+              double fill, c10::optional<double> nodata, int64_t unroll,
+              int64_t blocks_per_sm) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "sar_norm: x must be a contiguous CUDA tensor");
   TORCH_CHECK(out.is_contiguous() && mask.is_contiguous(), "sar_norm: outputs must be contiguous");
   TORCH_CHECK(channels >= 1 && channels <= KNOWLIP_MAX_CHANNELS, "sar_norm: 1..8 channels supported");
@@ -33,9 +34,10 @@ void sar_norm(torch::Tensor x, int64_t input_kind, torch::Tensor out, torch::Ten
     a.offset[c] = static_cast<float>(offset[c]);
     a.gain[c] = static_cast<float>(gain[c]);
   }
+  const SarNormLaunch launch{static_cast<int>(unroll), static_cast<int>(blocks_per_sm)};
   cudaError_t err = knowlip_sar_norm(static_cast<int>(input_kind), x.data_ptr(), out.data_ptr(),
                                      out.scalar_type() == torch::kBFloat16 ? 1 : 0,
-                                     reinterpret_cast<uint8_t*>(mask.data_ptr()), &a,
+                                     reinterpret_cast<uint8_t*>(mask.data_ptr()), &a, &launch,
                                      at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "sar_norm kernel failed: ", cudaGetErrorString(err));
 }

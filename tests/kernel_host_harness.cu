@@ -1,5 +1,5 @@
-// Runs the kernel's per-vector code (normalise_vector, shared with the GPU kernel) on the CPU, over every
-// vector of an input, choosing the vector or scalar path exactly as the launcher does. Used by
+// Runs the kernel's per-thread code (normalise_tile, shared with the GPU kernel) on the CPU: every thread of
+// every tile, with the kernel's tiling and block size, choosing the vector or scalar path as the launcher does. Used by
 // tests/test_kernel_host.py to check the CUDA source's maths against the torch reference without a GPU.
 //
 // usage: harness ARGS.bin INPUT_KIND OUT_BF16 FORCE_SCALAR IN.bin OUT.bin MASK.bin
@@ -12,8 +12,12 @@
 
 template <typename In, typename Out, int VEC>
 static void run_all(const void* in, void* out, uint8_t* mask, const SarNormArgs& a) {
-  for (long long v = 0; v < a.n / VEC; ++v) {
-    normalise_vector<In, Out, VEC>(static_cast<const In*>(in), static_cast<Out*>(out), mask, a, v);
+  const Tiling t = tiling(a, VEC, THREADS * DEFAULT_UNROLL);
+  for (long long tile = 0; tile < t.tiles; ++tile) {
+    for (int thread = 0; thread < THREADS; ++thread) {
+      normalise_tile<In, Out, VEC, DEFAULT_UNROLL>(static_cast<const In*>(in), static_cast<Out*>(out), mask, a, t,
+                                                    tile, thread, THREADS);
+    }
   }
 }
 
@@ -73,6 +77,8 @@ int main(int argc, char** argv) {
   void* out = std::aligned_alloc(64, (out_bytes + 63) / 64 * 64);
   uint8_t* mask = static_cast<uint8_t*>(std::aligned_alloc(64, (a.n + 63) / 64 * 64));
   std::memcpy(in, input.data(), input.size());
+  std::memset(out, 0xff, out_bytes);  // NaN in both output dtypes: an element no thread wrote shows
+  std::memset(mask, 2, a.n);
   const char* path = bf16 ? by_input<__nv_bfloat16>(kind, in, out, mask, a, scalar)
                           : by_input<float>(kind, in, out, mask, a, scalar);
   if (!path) { std::fprintf(stderr, "bad input kind %d\n", kind); return 2; }

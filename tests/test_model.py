@@ -332,12 +332,15 @@ def test_every_module_runs_the_same_number_of_times_whatever_the_data():
 
 def test_momentum_update_and_queue():
     m = tiny(queue=8, text_dropout=0.0)  # the queued features are recomputed below: no dropout draws
+    pairs = list(m.momentum_pairs())
     with torch.no_grad():
-        m.vision.patch_embed.weight.add_(1.0)
-    before = m.vision_m.patch_embed.weight.clone()
+        for i, (p, _) in enumerate(pairs):  # a different shift per pair: a pair updated from another shows
+            p.add_(1.0 + i)
+    before = [pm.clone() for _, pm in pairs]
     m.momentum_update()
-    online = m.vision.patch_embed.weight
-    torch.testing.assert_close(m.vision_m.patch_embed.weight, 0.995 * before + 0.005 * online)
+    for (p, pm), old in zip(pairs, before):  # every pair, vision and text alike
+        torch.testing.assert_close(pm, 0.995 * old + 0.005 * p)
+    assert len(pairs) == len([n for n, _ in m.named_parameters() if n.split(".")[0].endswith("_m")])
     assert m.queue_ptr.item() == 0
     images, ids, att, kw = batch(b=3)
     m(images, ids, att, kw)

@@ -88,9 +88,12 @@ class SarKnowLIP(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
+        """pm <- m pm + (1 - m) p for every pair, as two multi-tensor ops (hundreds of pairs: one launch each
+        per pair was ~1.6k kernel launches a step on the GPU)."""
         m = self.loss_cfg.momentum
-        for p, pm in self.momentum_pairs():
-            pm.mul_(m).add_(p.detach(), alpha=1 - m)
+        online, moving = zip(*self.momentum_pairs())
+        torch._foreach_mul_(moving, m)
+        torch._foreach_add_(moving, [p.detach() for p in online], alpha=1 - m)
 
     @torch.no_grad()
     def _enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, group) -> None:

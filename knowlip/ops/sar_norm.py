@@ -201,10 +201,12 @@ def kernel_available() -> bool:
 
 
 def sar_normalize(x: torch.Tensor, p: NormParams, use_kernel: bool = True, out: torch.Tensor | None = None,
-                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  mask: torch.Tensor | None = None,
+                  launch: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised log-intensity and validity mask; the fused kernel on CUDA tensors, the reference otherwise.
 
-    `out` and `mask` may be given (preallocated, contiguous, (B, C, H, W)) to write into.
+    `out` and `mask` may be given (preallocated, contiguous, (B, C, H, W)) to write into. `launch` is for tuning
+    only: (vectors in flight per thread, blocks per SM), 0 = the kernel's default (bench/kernels.py --tune).
     """
     ext = _cuda_extension() if (use_kernel and x.is_cuda) else None
     if ext is None:
@@ -227,7 +229,7 @@ def sar_normalize(x: torch.Tensor, p: NormParams, use_kernel: bool = True, out: 
     raw = torch.view_as_real(x) if x.is_complex() else x
     f = kernel_fields(p)
     ext.sar_norm(raw, kind, out, mask, p.channels, shape[2] * shape[3], f["kind"], f["lo"], f["hi"], f["scale"],
-                 f["offset"], f["gain"], f["mode"], p.fill, p.nodata)
+                 f["offset"], f["gain"], f["mode"], p.fill, p.nodata, *launch)
     return out, mask
 
 
