@@ -43,7 +43,7 @@ left() { echo $((TOTAL_S - ($(date +%s) - START))); }
 status=0
 
 echo "== 1. SAR kernel"
-timeout 200 "$PY" bench/kernels.py --out "$OUT/kernels.jsonl" $([ "$PLAN" = tune ] && echo --tune) \
+timeout 200 "$PY" bench/kernels.py --out "$OUT/kernels.jsonl" $([ "$PLAN" = tune ] && [ -z "${GPU_CHECK_CASES:-}" ] && echo --tune) \
   >"$OUT/kernels.log" 2>&1 || status=1
 tail -n 12 "$OUT/kernels.log"
 
@@ -56,19 +56,22 @@ if [ "$PLAN" = full ]; then
   "$PY" bench/train_step.py --gpu --steps 6 --budget-s "$(( $(left) - 15 ))" --out "$OUT/train_step.jsonl" \
     --profile-out "$OUT/profile_plain_224.txt" >"$OUT/train_step.log" 2>&1 || status=1
 else
-  # name | train_step.py arguments; each case is its own child with the same 224 px batch, and profiled
+  # name | train_step.py arguments; each case is its own child, profiled. GPU_CHECK_CASES picks some by name.
   cases=(
-    "plain|--groups plain/224/eager"
-    "plain_bf16_weights|--groups plain/224/eager --variant bf16_weights"
-    "zero3|--groups deepspeed/224/eager"
-    "zero3_persistent|--groups deepspeed/224/eager --override deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7"
-    "zero3_persistent_torch_linear|--groups deepspeed/224/eager --override deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7 --override deepspeed.zero_optimization.memory_efficient_linear=false"
+    "plain|--batches 224:128 --groups plain/224/eager"
+    "plain_bf16_weights|--batches 224:128 --groups plain/224/eager --variant bf16_weights"
+    "plain_bf16_weights_search|--groups plain/224/eager --variant bf16_weights"
+    "zero3|--batches 224:128 --groups deepspeed/224/eager"
+    "zero3_persistent|--batches 224:128 --groups deepspeed/224/eager --override deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7"
+    "zero3_persistent_torch_linear|--batches 224:128 --groups deepspeed/224/eager --override deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7 --override deepspeed.zero_optimization.memory_efficient_linear=false"
   )
+  wanted=${GPU_CHECK_CASES:-plain plain_bf16_weights zero3 zero3_persistent zero3_persistent_torch_linear}
   for case in "${cases[@]}"; do
     name=${case%%|*}
+    [[ " $wanted " == *" $name "* ]] || continue
     echo "== 3. training step: $name ($(left) s left)"
     [ "$(left)" -lt 60 ] && { echo "   skipped: under 60 s left"; continue; }
-    "$PY" bench/train_step.py --gpu --steps 6 --ac off --batches 224:128 --budget-s "$(( $(left) - 10 ))" \
+    "$PY" bench/train_step.py --gpu --steps 6 --ac off --budget-s "$(( $(left) - 10 ))" \
       --out "$OUT/train_step.jsonl" --profile-out "$OUT/profile_$name.txt" ${case#*|} \
       >"$OUT/train_step_$name.log" 2>&1 || status=1
   done

@@ -25,8 +25,8 @@ struct SarNormArgs {
   float gain[KNOWLIP_MAX_CHANNELS];    // uint16 DN: I = gain * dn^2
 };
 
-// How to launch (for tuning; 0 = the default): vectors in flight per thread, blocks per SM (default: one
-// resident wave, from the occupancy calculator).
+// How to launch (for tuning; 0 = the default): vectors in flight per thread, blocks per SM (default: one block
+// per tile, no cap).
 struct SarNormLaunch {
   int unroll;
   int blocks_per_sm;

@@ -19,7 +19,7 @@ def test_cu_compiles_for_sm90_without_spills(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = proc.stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", report)
-    # 4 input kinds x 2 outputs x (vector, scalar), plus float input's tuning depths (unroll 1, 2, 8) x 2 outputs
+    # 4 input kinds x 2 outputs x (vector, scalar), plus float input's tuning depths (unroll 1, 4, 8) x 2 outputs
     assert len(kernels) == 16 + 6, f"unexpected kernel instances: {kernels}"
     spills = [(int(a), int(b)) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)]
     assert len(spills) == len(kernels) and all(s == (0, 0) for s in spills), report
