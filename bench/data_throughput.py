@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per proce
 import torch
 
 from knowlip.data.loader import StreamingLoader
-from knowlip.data.shards import ShardWriter, encode_sample, load_index, write_index
+from knowlip.data.shards import ShardWriter, encode_sample, index_v1_body, load_index, write_index
 from knowlip.text.caption import FIELDS, make_caption
 from knowlip.text.tokenizer import CaptionTokenizer, load_tokenizer, train_wordpiece
 
@@ -68,10 +68,7 @@ def without_checksums(root: Path, out: Path) -> Path:
     out.mkdir()
     for shard in root.glob("shard-*.tar"):
         (out / shard.name).symlink_to(shard)
-    index = json.loads((root / "index.json").read_text())
-    for s in index["shards"]:
-        s.pop("checksums", None)
-    (out / "index.json").write_text(json.dumps(index))
+    (out / "index.json").write_text(json.dumps(index_v1_body(load_index(root), checksums=False)))
     return out
 
 

@@ -67,7 +67,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         print(f"packed on Slurm by array job {job_ids[0].split('_')[0]} ({len(job_ids)} tasks), merged here")
     else:
         index_path, report = pack(cfg)
-    print(f"packed {report.samples} samples from {report.scenes_packed} scenes into {index_path.parent} "
+    print(f"packed {report.samples} samples from {report.scenes_packed} scenes into {cfg.pack.out_dir} "
           f"({report.seconds:.1f} s)")
     for skipped in report.skipped_files:
         print(f"  skipped {skipped['file']}: {skipped['reason']}")
@@ -407,11 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="inspect and audit shards and the loader")
     dsub = p.add_subparsers(dest="data_command", required=True)
     ins = dsub.add_parser("inspect", help="counts, bands, extent and caption statistics of a shard folder")
-    ins.add_argument("shards", help="a folder holding index.json")
+    ins.add_argument("shards", help="a folder or object-store URL holding index.json (endpoint and credentials "
+                     "from the environment: AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...)")
     ins.add_argument("--json", action="store_true", help="print JSON instead of text")
     ins.set_defaults(func=cmd_data_inspect)
     ver = dsub.add_parser("verify", help="every shard's sha256 and every sample's checksums; non-zero exit on damage")
-    ver.add_argument("shards", help="shard folder (index.json)")
+    ver.add_argument("shards", help="shard folder or object-store URL (index.json)")
     ver.add_argument("--jobs", type=int, default=1, help="shards checked in parallel")
     ver.add_argument("--json", action="store_true")
     ver.set_defaults(func=cmd_data_verify)
@@ -447,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SlurmError as exc:
         print(f"slurm: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # FileNotFoundError, StorageError (naming the URL), ShardError
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

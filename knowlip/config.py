@@ -98,6 +98,19 @@ class DataConfig:
 
 
 @dataclass
+class StorageConfig:
+    """Shards on object storage: `data.shards`, `eval.shards` and `pack.out_dir` may be fsspec URLs such as
+    s3://bucket/prefix. Endpoint and credentials from `options` or the environment (AWS_ENDPOINT_URL_S3,
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)."""
+
+    options: dict[str, Any] = field(default_factory=dict)  # fsspec filesystem arguments, e.g. endpoint_url
+    retries: int = 5  # per request after the first try: 5xx answers, timeouts, dropped connections
+    backoff_s: float = 0.2  # first wait before a retry; doubles each time (with jitter), at most 10 s
+    coalesce_gap_bytes: int = 1048576  # samples of one shard closer than this are read in one request
+    requests_in_flight: int = 8  # concurrent range requests per loader process
+
+
+@dataclass
 class NormConfig:
     """SAR log-intensity normalisation (raw chip -> normalised image), done on the device."""
 
@@ -240,6 +253,7 @@ class KnowlipConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     norm: NormConfig = field(default_factory=NormConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

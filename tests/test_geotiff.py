@@ -1,5 +1,6 @@
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,10 +42,10 @@ def test_real_sentinel1_scenes_pack_with_georeference_in_every_chip(sentinel1_di
                       "pack.chip.size=64", "pack.chip.stride=32")
     index_path, report = pack(cfg)
     assert report.scenes_packed == 2 and report.samples > 20 and not report.skipped_files
-    index = json.loads(index_path.read_text())
+    index = json.loads(Path(index_path).read_text())
     n = 0
-    for shard in index["shards"]:
-        with tarfile.open(tmp_path / "shards" / shard["name"]) as tar:
+    for name in index["shard_columns"]["name"]:
+        with tarfile.open(tmp_path / "shards" / name) as tar:
             for m in tar:
                 if m.name.endswith(".json"):
                     meta = json.load(tar.extractfile(m))

@@ -9,10 +9,12 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import xxhash
 
 from knowlip.data.loader import StreamingLoader
-from knowlip.data.shards import load_index
+from knowlip.data.shards import index_v1_body, load_index
 
 CLI = [sys.executable, "-m", "knowlip.cli"]
 
@@ -45,11 +47,32 @@ def all_keys(shards: Path) -> tuple[list[str], StreamingLoader]:
     return keys, loader
 
 
+def tar_members(shard: Path) -> list[dict[str, tuple[int, bytes]]]:
+    """Per sample, in tar order: ext -> (header offset, payload), read with the standard tarfile module."""
+    samples: list[dict] = []
+    with tarfile.open(shard) as tar:
+        for m in tar:
+            key, _, ext = m.name.partition(".")
+            if not samples or samples[-1]["__key__"] != key:
+                samples.append({"__key__": key})
+            samples[-1][ext] = (m.offset, tar.extractfile(m).read())
+    return samples
+
+
 def test_clean_shards_verify_and_record_checksums(shards):
+    """The sample table beside each shard holds every sample's offset and each member's XXH3-64, as computed
+    here from the tar members themselves; index.json holds per-shard facts only."""
     index = json.loads((shards / "index.json").read_text())
-    assert index["checksum"] == "xxh3_64"
-    assert all(len(s["checksums"]) == s["samples"] and all(len(c) == 3 for c in s["checksums"])
-               for s in index["shards"])
+    assert index["checksum"] == "xxh3_64" and index["version"] == 2 and "shards" not in index
+    for name in index["shard_columns"]["name"]:
+        table = np.load(shards / name.replace(".tar", ".idx.npy"))
+        samples = tar_members(shards / name)
+        assert len(table) == len(samples)
+        for row, sample in zip(table, samples):
+            assert row["offset"] == sample["chip.npy"][0]  # the first member's header
+            assert row["members"] == 0b111
+            assert list(row["checksum"]) == [xxhash.xxh3_64_intdigest(sample[ext][1])
+                                             for ext in ("chip.npy", "txt", "json")]
     proc = verify(shards)
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("OK"), proc.stdout + proc.stderr
 
@@ -70,12 +93,26 @@ def test_damaged_chip_bytes_are_named_by_verify_and_skipped_by_the_loader(shards
 
 
 def test_an_index_without_checksums_still_loads_and_verify_says_so(shards):
-    index = json.loads((shards / "index.json").read_text())
-    for s in index["shards"]:
-        del s["checksums"]
-    del index["checksum"]
+    index = index_v1_body(load_index(shards), checksums=False)  # format 1, before per-sample checksums
+    for table in shards.glob("*.idx.npy"):
+        table.unlink()
     (shards / "index.json").write_text(json.dumps(index))
     keys, loader = all_keys(shards)
     assert len(keys) == index["total_samples"] and loader.stats.skipped == 0
     proc = verify(shards)
     assert proc.returncode == 0 and "no per-sample checksums" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_version_1_index_with_checksums_loads_and_still_catches_damage(shards):
+    """Shards packed by the previous release (offsets and hex checksums inside index.json, no sample tables)."""
+    expected_keys, _ = all_keys(shards)
+    (shards / "index.json").write_text(json.dumps(index_v1_body(load_index(shards))))
+    for table in shards.glob("*.idx.npy"):
+        table.unlink()
+    assert load_index(shards).version == 1
+    keys, _ = all_keys(shards)
+    assert keys == expected_keys  # the same order and samples as from the version-2 index
+    shard = sorted(shards.glob("shard-*.tar"))[0]
+    key = damage_chip(shard, member_number=2)
+    keys, loader = all_keys(shards)
+    assert key not in keys and loader.stats.skipped_by_cause == {"checksum": 1}

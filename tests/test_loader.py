@@ -87,7 +87,7 @@ def test_elastic_resume_sees_every_sample_exactly_once(synth_shards, before, aft
     assert n - len(seen) < w2 * b2
     order = first[0].order(0)
     reader = loader_mod.ShardReader(load_index(synth_shards))
-    expected_prefix = [loader_mod.decode_sample(reader.read(int(g)), False).key for g in order[: len(seen)]]
+    expected_prefix = [loader_mod.decode_sample(m, False).key for m in reader.read_many(order[: len(seen)])]
     assert sorted(seen) == sorted(expected_prefix)
 
 
@@ -109,8 +109,9 @@ def test_resume_reads_only_what_is_left(synth_shards, monkeypatch):
     (first,) = make(synth_shards, 1, 0, 8, shuffle_block=16)
     keys_by_step([first], max_steps=3)
     reads = Counter()
-    real = loader_mod.ShardReader.read
-    monkeypatch.setattr(loader_mod.ShardReader, "read", lambda self, g: reads.update([g]) or real(self, g))
+    real = loader_mod.ShardReader.read_many
+    monkeypatch.setattr(loader_mod.ShardReader, "read_many",
+                        lambda self, ids: reads.update(int(g) for g in ids) or real(self, ids))
     (second,) = make(synth_shards, 1, 0, 8, shuffle_block=16)
     second.load_state_dict(first.state_dict())
     next(iter(second))
@@ -135,7 +136,7 @@ def shard_copy(synth_shards, tmp_path):
 def test_corrupt_sample_is_skipped_counted_and_batch_size_kept(shard_copy, where):
     index = load_index(shard_copy)
     shard = index.shards[1]
-    offset, _ = shard.sample_range(shard.samples // 2)  # a sample in the middle of a shard
+    offset, _ = index.table(1).sample_range(shard.samples // 2)  # a sample in the middle of a shard
     path = index.path(shard)
     raw = bytearray(path.read_bytes())
     raw[offset + where : offset + where + 8] = b"garbage!"
@@ -212,8 +213,8 @@ def test_a_chip_of_another_shape_is_skipped_even_when_it_comes_first():
     members = [odd, good(1), good(2)]
 
     class FakeReader:
-        def read(self, gid):
-            return members[gid]
+        def read_many(self, gids):
+            return [members[g] for g in gids]
 
         def key_of(self, gid):
             return "shard", gid

@@ -50,9 +50,10 @@ def test_state_of_another_dataset_with_the_same_sample_count_is_refused(synth_sh
     other = tmp_path / "other"
     shutil.copytree(synth_shards, other)
     index = json.loads((other / "index.json").read_text())
-    first = index["shards"][0]["name"]
+    first = index["shard_columns"]["name"][0]
     (other / first).rename(other / "shard-000099.tar")
-    index["shards"][0]["name"] = "shard-000099.tar"
+    (other / first.replace(".tar", ".idx.npy")).rename(other / "shard-000099.idx.npy")
+    index["shard_columns"]["name"][0] = "shard-000099.tar"
     (other / "index.json").write_text(json.dumps(index))
     source = StreamingLoader(synth_shards, 4, decode_chip=False)
     next(iter(source))

@@ -73,7 +73,7 @@ def test_pack_output_is_deterministic_and_tar_lists_it(tmp_path):
                              text=True, check=True).stdout.split()
     assert len(listing) == 9 and listing[0].endswith(".chip.npy") and listing[2].endswith(".json")
     index = json.loads((tmp_path / "shards/index.json").read_text())
-    assert index["total_samples"] == sum(s["samples"] for s in index["shards"])
+    assert index["total_samples"] == sum(index["shard_columns"]["samples"]) and index["version"] == 2
 
 
 def test_captions_are_predictable_from_pixels(synth_shards):
@@ -123,7 +123,7 @@ def test_inspect_reports_a_damaged_shard_instead_of_failing(synth_shards, tmp_pa
     shutil.copytree(synth_shards, copy)
     index = load_index(copy)
     shard = index.shards[0]
-    offset, _ = shard.sample_range(3)
+    offset, _ = index.table(0).sample_range(3)
     raw = bytearray(index.path(shard).read_bytes())
     raw[offset + 20 : offset + 28] = b"garbage!"  # breaks the 4th sample's tar header checksum
     index.path(shard).write_bytes(bytes(raw))

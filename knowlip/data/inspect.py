@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from collections import Counter, defaultdict
@@ -49,15 +50,22 @@ class _Stats:
                 self.keywords[f][kw] += 1
 
 
-def inspect_shards(root: str) -> dict:
+def _open_tar(index, name: str) -> tarfile.TarFile:
+    """A shard as a tar: the file, or the object read whole from object storage."""
+    if index.store.remote:
+        return tarfile.open(fileobj=io.BytesIO(index.store.read(name)))
+    return tarfile.open(index.store.path(name))
+
+
+def inspect_shards(root: str, storage=None) -> dict:
     """Read every sample once (with the standard tarfile reader, independent of our index offsets).
     A damaged shard is reported with what could be read of it, not fatal."""
-    index = load_index(root)
+    index = load_index(root, storage)
     stats, damaged = _Stats(), []
     for shard in index.shards:
         before = stats.samples
         try:
-            with tarfile.open(index.path(shard)) as tar:
+            with _open_tar(index, shard.name) as tar:
                 for sample in _samples(tar):
                     stats.add(sample)
         except (tarfile.TarError, ValueError, KeyError, UnicodeDecodeError) as exc:

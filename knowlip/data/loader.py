@@ -13,7 +13,8 @@ the world size or the worker count):
    so the batches do not depend on the worker count.
 
 The loader's state is (epoch, cursor): resuming at any world size, worker count or batch size continues the
-same order with no sample repeated or lost, and costs O(1): samples are read by byte offset from index.json.
+same order with no sample repeated or lost, and costs O(1): samples are read by byte offset (each shard's
+sample table), a batch at a time, from a folder or an object store.
 At the same world size and batch size the order after resume is identical to an uninterrupted run.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 import tarfile
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from knowlip.data.shards import (CAPTION_EXT, CHIP_EXT, META_EXT, CorruptSample, ShardError, ShardIndex, load_index,
-                                  npy_header, read_sample_bytes)
+                                  npy_header)
 from knowlip.launch.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
@@ -147,33 +149,26 @@ def _load_npy(raw: bytes) -> np.ndarray:
 
 
 class ShardReader:
-    """Positioned reads of samples by global id; shard files stay open per process."""
+    """Samples by global id (shards numbered in index order), a batch at a time through the index's store."""
 
     def __init__(self, index: ShardIndex):
         self.index = index
-        self.starts = np.concatenate([[0], np.cumsum([s.samples for s in index.shards])])
-        self._files: dict[int, object] = {}
+        self.starts = np.concatenate([[0], np.cumsum(index.samples)])
 
-    def _locate(self, global_id: int) -> tuple[int, int]:
+    def locate(self, global_id: int) -> tuple[int, int]:
         """(shard number, sample number inside it)."""
         s = int(np.searchsorted(self.starts, global_id, side="right") - 1)
         return s, int(global_id - self.starts[s])
 
-    def read(self, global_id: int) -> dict[str, bytes]:
-        s, i = self._locate(global_id)
-        shard = self.index.shards[s]
-        if s not in self._files:
-            self._files[s] = open(self.index.path(shard), "rb")
-        return read_sample_bytes(self._files[s], shard, i)
+    def read_many(self, global_ids: Sequence[int]) -> list[dict[str, bytes] | ShardError]:
+        return self.index.read_samples([self.locate(int(g)) for g in global_ids])
 
     def key_of(self, global_id: int) -> tuple[str, int]:
-        s, i = self._locate(global_id)
-        return self.index.shards[s].name, i
+        s, i = self.locate(global_id)
+        return self.index.names[s], i
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        self.index.store.close()
 
 
 def collate(samples: list[Sample], is_duplicate: list[bool], tokenizer: Callable | None) -> dict:
@@ -229,9 +224,11 @@ class _RankSteps(IterableDataset):
     def _build(self, reader: ShardReader, ids: np.ndarray) -> dict:
         samples: list[Sample | None] = []
         errors: list[str] = []
-        for gid in ids:
+        for gid, members in zip(ids, reader.read_many(ids)):
             try:
-                samples.append(decode_sample(reader.read(int(gid)), self.decode_chip))
+                if isinstance(members, ShardError):
+                    raise members
+                samples.append(decode_sample(members, self.decode_chip))
             except (ShardError, tarfile.TarError, ValueError, KeyError, UnicodeDecodeError, EOFError) as exc:
                 shard, i = reader.key_of(int(gid))
                 cause = "checksum" if isinstance(exc, CorruptSample) else "unreadable"
@@ -292,8 +289,7 @@ class StreamingLoader:
 
     def order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
-            sizes = [s.samples for s in self.index.shards]
-            self._order_cache = (epoch, LazyOrder(sizes, self.seed, epoch, self.shuffle_block))
+            self._order_cache = (epoch, LazyOrder(self.index.samples, self.seed, epoch, self.shuffle_block))
         return self._order_cache[1]
 
     def remaining_steps(self) -> list[list[tuple[int, int]]]:
@@ -376,19 +372,19 @@ def _check_uniform(index: ShardIndex) -> None:
 
 
 def _check_readable(index: ShardIndex) -> None:
-    for shard in index.shards:
-        path = index.path(shard)
-        try:
-            with open(path, "rb") as f:
-                f.read(512)
-        except OSError as exc:
-            raise ShardError(f"{path}: shard is not readable ({exc})") from exc
+    """Local shards the process may not read fail now, not in a worker mid-epoch (load_index has checked that
+    they exist; on object storage its listing is the check)."""
+    if index.store.remote:
+        return
+    for name in index.names:
+        if not os.access(index.store.path(name), os.R_OK):
+            raise ShardError(f"{index.store.path(name)}: shard is not readable (permissions)")
 
 
 def build_loader(data_cfg, rank: int = 0, world_size: int = 1, tokenizer: Callable | None = None,
                  pin_memory: bool = False, index: ShardIndex | None = None) -> StreamingLoader:
     """The loader described by a `data` config section (pin_memory when batches go to a GPU; `index` when the
-    caller has already loaded data_cfg.shards)."""
+    caller has already loaded data_cfg.shards, with its storage options)."""
     return StreamingLoader(index or data_cfg.shards, data_cfg.batch_size, rank, world_size, data_cfg.num_workers,
                            data_cfg.seed, data_cfg.shuffle_block, data_cfg.drop_last, tokenizer,
                            prefetch_factor=data_cfg.prefetch_factor, pin_memory=pin_memory)

@@ -12,7 +12,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from knowlip.data.shards import MEMBERS, ShardWriter, encode_sample, load_index, read_sample_bytes, write_index
+from knowlip.data.shards import MEMBERS, ShardError, ShardWriter, encode_sample, load_index, write_index
+from knowlip.data.storage import StorageOptions, is_url
 from knowlip.sar.geotiff import SarReadError, find_rasters, iter_chips
 from knowlip.text.caption import GEO_FIELD, Caption, CaptionIndex, geo_clause
 
@@ -35,7 +36,8 @@ class PackReport:
 
 
 def pack(cfg) -> tuple[Path, PackReport]:
-    """Pack `cfg.pack.inputs` into shards under `cfg.pack.out_dir`; returns (index path, report).
+    """Pack `cfg.pack.inputs` into shards under `cfg.pack.out_dir` (a folder or an object-store URL); returns
+    (index.json's path or URL, report).
 
     `pack.jobs` > 1 reads and encodes scenes in that many processes (each holds a scene's encoded chips in memory,
     at most 2 x jobs scenes at a time) while this process writes them in input order: the shards and index.json
@@ -43,9 +45,10 @@ def pack(cfg) -> tuple[Path, PackReport]:
     p = cfg.pack
     started = time.perf_counter()
     files = find_rasters(p.inputs)
-    writer = ShardWriter(p.out_dir, p.shard_max_samples, p.shard_max_bytes)
+    storage = StorageOptions.from_config(cfg.storage)
+    writer = ShardWriter(p.out_dir, p.shard_max_samples, p.shard_max_bytes, storage)
     report = _pack_files(files, p, writer)
-    return _finish(p, files, writer, report, started)
+    return _finish(p, files, writer, report, started, storage)
 
 
 def _pack_files(files: list[Path], p, writer: ShardWriter) -> PackReport:
@@ -67,12 +70,13 @@ def _pack_files(files: list[Path], p, writer: ShardWriter) -> PackReport:
     return report
 
 
-def _finish(p, files: list[Path], writer: ShardWriter, report: PackReport, started: float) -> tuple[Path, PackReport]:
+def _finish(p, files: list[Path], writer: ShardWriter, report: PackReport, started: float,
+            storage: StorageOptions) -> tuple[str, PackReport]:
     shards = writer.finish()
     report.seconds = round(time.perf_counter() - started, 3)
     info = {"chip_size": p.chip.size, "inputs": [str(f) for f in files],
             "report": {k: v for k, v in report.as_dict().items() if k != "seconds"}}  # no timing: reproducible
-    return write_index(p.out_dir, shards, info), report
+    return write_index(p.out_dir, shards, info, storage), report
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -98,21 +102,24 @@ def pack_part(cfg_yaml: str, files: list[str], part_dir: str) -> str:
     return part_dir
 
 
-def merge_parts(cfg, files: list[Path], part_dirs: list[str]) -> tuple[Path, PackReport]:
+def merge_parts(cfg, files: list[Path], part_dirs: list[str]) -> tuple[str, PackReport]:
     """The parts' samples (checked against their checksums) re-written in order with the real shard limits."""
     p = cfg.pack
     started = time.perf_counter()
-    writer = ShardWriter(p.out_dir, p.shard_max_samples, p.shard_max_bytes)
+    storage = StorageOptions.from_config(cfg.storage)
+    writer = ShardWriter(p.out_dir, p.shard_max_samples, p.shard_max_bytes, storage)
     report = PackReport()
     for n, part_dir in enumerate(part_dirs):
         index = load_index(part_dir)
         part = index.info["report"]
         if n == 0:  # every part read the same caption file: its errors once
             report.caption_errors = list(part["caption_errors"])
-        for shard in index.shards:
-            with index.path(shard).open("rb") as f:
-                for i in range(shard.samples):
-                    members = read_sample_bytes(f, shard, i)
+        for s in range(index.num_shards):
+            for lo in range(0, int(index.samples[s]), MERGE_CHUNK):
+                chunk = range(lo, min(lo + MERGE_CHUNK, int(index.samples[s])))
+                for members in index.read_samples([(s, i) for i in chunk]):
+                    if isinstance(members, ShardError):  # a part damaged between packing and merging
+                        raise members
                     writer.write(members.pop("__key__").decode(), {ext: members[ext] for ext in MEMBERS})
         report.scenes_packed += part["scenes_packed"]
         report.samples += part["samples"]
@@ -120,10 +127,13 @@ def merge_parts(cfg, files: list[Path], part_dirs: list[str]) -> tuple[Path, Pac
         report.skipped_files += part["skipped_files"]
         report.bands.update(part["bands"])
         report.dtypes.update(part["dtypes"])
-    return _finish(p, files, writer, report, started)
+    return _finish(p, files, writer, report, started, storage)
 
 
-def pack_on_slurm(cfg, profile, tasks: int) -> tuple[Path, PackReport, list[str]]:
+MERGE_CHUNK = 256  # samples read per call while merging
+
+
+def pack_on_slurm(cfg, profile, tasks: int) -> tuple[str, PackReport, list[str]]:
     """Submit `tasks` array tasks (one CPU task each, resources from the cluster profile), wait, merge here.
     Returns (index path, report, job ids)."""
     import shutil
@@ -133,7 +143,10 @@ def pack_on_slurm(cfg, profile, tasks: int) -> tuple[Path, PackReport, list[str]
 
     files = find_rasters(cfg.pack.inputs)
     shares = [share for share in split_files(files, max(1, min(tasks, len(files)))) if share]
-    parts_root = Path(cfg.pack.out_dir).resolve().parent / f".{Path(cfg.pack.out_dir).name}.parts"
+    # the parts sit on the (shared) file system: beside the output, or in the working folder for a remote one
+    out = cfg.pack.out_dir
+    parts_root = (Path.cwd() / ".knowlip-pack-parts" if is_url(out)
+                  else Path(out).resolve().parent / f".{Path(out).name}.parts")
     shutil.rmtree(parts_root, ignore_errors=True)
     part_dirs = [str(parts_root / f"part-{i:05d}") for i in range(len(shares))]
     one_task = dataclasses.replace(profile, nodes=1, tasks_per_node=1, gpus_per_node=0)  # per array element

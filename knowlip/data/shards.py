@@ -1,12 +1,16 @@
-"""WebDataset tar shards: the on-disk format between `knowlip pack` and the streaming loader.
+"""WebDataset tar shards: the format between `knowlip pack` and the streaming loader.
 
 A sample is three tar members sharing a key: `KEY.chip.npy` (raw chip, native dtype, (C, H, W)),
 `KEY.txt` (caption) and `KEY.json` (metadata: georeference, product, keyword spans of the caption).
 Shards are plain POSIX tar files written deterministically (fixed mtime/owner, sorted inputs), so the same
-inputs give byte-identical shards, and `tar tf` or any webdataset reader lists them.
+inputs give byte-identical shards, and `tar tf` or any webdataset reader lists them. They live in a folder or
+under an object-store prefix (knowlip.data.storage).
 
-`index.json` is the manifest: per shard its sample count, size and the byte offset of every sample, which
-lets the loader seek straight to any sample (O(1) resume), plus totals and the packing report.
+`index.json` (format version 2) holds per-shard facts only, as columns (names, sample counts, sizes, end
+offsets, sha256), so it grows with the shard count, not the sample count. Each shard's per-sample facts (the
+byte offset of every sample, the XXH3-64 of each member) sit beside it in `shard-NNNNNN.idx.npy`, read when a
+reader first needs that shard: any sample is one positioned read away (O(1) resume). Version-1 indexes, which
+listed every offset and checksum inside index.json, still load.
 """
 
 from __future__ import annotations
@@ -14,23 +18,28 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import xxhash
 
+from knowlip.data.storage import LocalStore, ObjectStore, StorageError, StorageOptions, open_store
+
 INDEX_NAME = "index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHIP_EXT, CAPTION_EXT, META_EXT = "chip.npy", "txt", "json"
 MEMBERS = (CHIP_EXT, CAPTION_EXT, META_EXT)
 # Per-member checksums: xxHash's XXH3-64 (python-xxhash, maintained, wheels everywhere). Not cryptographic (the
 # shard's sha256 is), but ~10x the speed of zlib's CRC32 and well past memory bandwidth, so the loader can
 # verify every sample it reads for well under 1% of its time.
 CHECKSUM = "xxh3_64"
+# One row per sample of a shard: where it starts, each member's checksum, which members it has (bit k: MEMBERS[k]).
+SAMPLE_TABLE = np.dtype([("offset", "<u8"), ("checksum", "<u8", (len(MEMBERS),)), ("members", "u1")])
+TABLES_CACHED = 64  # sample tables a reader keeps (an LRU): memory stays bounded however many shards an epoch visits
 
 
 class ShardError(ValueError):
@@ -41,9 +50,15 @@ class CorruptSample(ShardError):
     """A sample whose bytes do not match the checksums recorded when it was packed."""
 
 
-def member_checksums(members: dict[str, bytes]) -> list[str]:
-    """XXH3-64 hex digests of a sample's members, in MEMBERS order ('' for a missing one)."""
-    return [xxhash.xxh3_64_hexdigest(members[ext]) if ext in members else "" for ext in MEMBERS]
+def member_checksums(members: dict[str, bytes]) -> tuple[list[int], int]:
+    """(XXH3-64 of each member in MEMBERS order, 0 where missing; bit mask of the members present)."""
+    sums = [xxhash.xxh3_64_intdigest(members[ext]) if ext in members else 0 for ext in MEMBERS]
+    return sums, sum(1 << k for k, ext in enumerate(MEMBERS) if ext in members)
+
+
+def table_name(shard_name: str) -> str:
+    """The sample table beside a shard: shard-000003.tar -> shard-000003.idx.npy."""
+    return shard_name.removesuffix(".tar") + ".idx.npy"
 
 
 @dataclass
@@ -51,58 +66,191 @@ class ShardInfo:
     name: str
     samples: int
     bytes: int
-    offsets: list[int]  # byte offset of each sample's first member
     end: int  # byte offset just past the last sample (start of the tar end-of-archive blocks)
     sha256: str = ""
-    checksums: Optional[list[list[str]]] = None  # per sample, per member (MEMBERS); None in older indexes
+
+
+class SampleTable:
+    """One shard's per-sample facts: offsets and member checksums (None: an old index without checksums)."""
+
+    def __init__(self, shard: ShardInfo, offsets: np.ndarray, checksums: Optional[np.ndarray],
+                 members: Optional[np.ndarray]):
+        if len(offsets) != shard.samples:
+            raise ShardError(f"{shard.name}: sample table has {len(offsets)} rows for {shard.samples} samples")
+        self.shard, self.offsets, self.checksums, self.members = shard, offsets, checksums, members
+
+    @classmethod
+    def from_npy(cls, shard: ShardInfo, raw: bytes) -> "SampleTable":
+        try:
+            rows = np.load(io.BytesIO(raw), allow_pickle=False)
+        except ValueError as exc:
+            raise ShardError(f"{table_name(shard.name)}: not a sample table ({exc})") from exc
+        if rows.dtype != SAMPLE_TABLE:
+            raise ShardError(f"{table_name(shard.name)}: sample table of dtype {rows.dtype}, expected {SAMPLE_TABLE}")
+        return cls(shard, rows["offset"], rows["checksum"], rows["members"])
+
+    @classmethod
+    def from_v1(cls, shard: ShardInfo, entry: dict) -> "SampleTable":
+        """A version-1 index entry: offsets and hex checksums ('' = member missing) inside index.json."""
+        offsets = np.asarray(entry["offsets"], dtype=np.uint64)
+        hexes = entry.get("checksums")
+        if not hexes:
+            return cls(shard, offsets, None, None)
+        sums = np.array([[int(h, 16) if h else 0 for h in row] for row in hexes], dtype=np.uint64)
+        present = np.array([sum(1 << k for k, h in enumerate(row) if h) for row in hexes], dtype=np.uint8)
+        return cls(shard, offsets, sums.reshape(len(hexes), len(MEMBERS)), present)
 
     def sample_range(self, i: int) -> tuple[int, int]:
         """(offset, length) in bytes of sample i's members."""
-        stop = self.offsets[i + 1] if i + 1 < self.samples else self.end
-        return self.offsets[i], stop - self.offsets[i]
+        start = int(self.offsets[i])
+        stop = int(self.offsets[i + 1]) if i + 1 < self.shard.samples else self.shard.end
+        return start, stop - start
+
+    def verify(self, i: int, members: dict[str, bytes]) -> None:
+        """Raise CorruptSample, naming the shard, sample and member, when bytes differ from those packed."""
+        if self.checksums is None:
+            return  # an index written before checksums: nothing to compare with
+        sums, present = member_checksums(members)
+        for k, ext in enumerate(MEMBERS):
+            if sums[k] != int(self.checksums[i, k]) or (present ^ int(self.members[i])) & (1 << k):
+                key = members.get("__key__", b"?").decode(errors="replace")
+                raise CorruptSample(f"{self.shard.name} sample {i} ({key}): {ext} bytes differ from the checksum "
+                                    "recorded at packing (damaged shard)")
 
 
-@dataclass
 class ShardIndex:
-    root: Path
-    shards: list[ShardInfo]
-    info: dict = field(default_factory=dict)
+    """The shards of a folder or prefix: per-shard facts as columns, sample tables read on demand (an LRU)."""
+
+    def __init__(self, root: str, store: LocalStore | ObjectStore, names: list[str], samples: np.ndarray,
+                 sizes: np.ndarray, ends: np.ndarray, sha256: list[str], info: dict,
+                 v1_entries: Optional[list[dict]] = None):
+        self.root, self.store, self.info = root, store, info
+        self.names, self.samples, self.sizes, self.ends, self.sha256 = names, samples, sizes, ends, sha256
+        self.version = 1 if v1_entries is not None else FORMAT_VERSION
+        self.has_checksums = v1_entries is None or all(e.get("checksums") for e in v1_entries)
+        self._v1 = v1_entries
+        self._tables: OrderedDict[int, SampleTable] = OrderedDict()
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.names)
+
+    @property
+    def shards(self) -> list[ShardInfo]:
+        return [self.shard(s) for s in range(self.num_shards)]
+
+    def shard(self, s: int) -> ShardInfo:
+        return ShardInfo(self.names[s], int(self.samples[s]), int(self.sizes[s]), int(self.ends[s]), self.sha256[s])
 
     @property
     def total_samples(self) -> int:
-        return sum(s.samples for s in self.shards)
+        return int(self.samples.sum())
 
     def fingerprint(self) -> str:
         """Identifies the dataset (names and sizes of shards): a resumed loader must see the same one."""
         h = hashlib.sha256()
-        for s in self.shards:
-            h.update(f"{s.name}:{s.samples}:{s.bytes};".encode())
+        for name, n, size in zip(self.names, self.samples.tolist(), self.sizes.tolist()):
+            h.update(f"{name}:{n}:{size};".encode())
         return h.hexdigest()[:16]
 
     def path(self, shard: ShardInfo) -> Path:
-        return self.root / shard.name
+        """The shard's file (a local index only)."""
+        if self.store.remote:
+            raise ShardError(f"{self.root}: shards on object storage have no local path")
+        return Path(self.root) / shard.name
+
+    def url(self, shard: ShardInfo) -> str:
+        return self.store.url(shard.name)
+
+    def table(self, s: int) -> SampleTable:
+        """Shard s's sample table: cached, or read (version 2), or built from index.json (version 1)."""
+        if s in self._tables:
+            self._tables.move_to_end(s)
+            return self._tables[s]
+        shard = self.shard(s)
+        if self._v1 is not None:
+            table = SampleTable.from_v1(shard, self._v1[s])
+        else:
+            table = SampleTable.from_npy(shard, self.store.read(table_name(shard.name)))
+        self._tables[s] = table
+        if len(self._tables) > TABLES_CACHED:
+            self._tables.popitem(last=False)
+        return table
+
+    def read_samples(self, wanted: Sequence[tuple[int, int]]) -> list[dict[str, bytes] | ShardError]:
+        """Members of each (shard number, sample number), checked against their checksums, in one batched read
+        (neighbouring samples coalesced on object storage). A damaged sample comes back as its ShardError
+        (CorruptSample for a checksum mismatch); a storage failure raises StorageError."""
+        tables = [self.table(s) for s, _ in wanted]
+        ranges = [t.sample_range(i) for t, (_, i) in zip(tables, wanted)]
+        raws = self.store.read_ranges([(t.shard.name, r) for t, r in zip(tables, ranges)])
+        out: list[dict[str, bytes] | ShardError] = []
+        for table, (_, i), (_, length), raw in zip(tables, wanted, ranges, raws):
+            try:
+                if len(raw) != length:
+                    raise ShardError(f"{table.shard.name}: truncated at sample {i}")
+                members = parse_members(raw)
+                table.verify(i, members)
+                out.append(members)
+            except ShardError as exc:
+                out.append(exc)
+            except (tarfile.TarError, ValueError, UnicodeDecodeError) as exc:
+                out.append(ShardError(f"{table.shard.name} sample {i}: unreadable ({type(exc).__name__}: {exc})"))
+        return out
 
 
-def load_index(root: str | Path) -> ShardIndex:
-    """Read index.json of a shard folder, checking that every shard it names exists with its size."""
-    root = Path(root)
-    path = root / INDEX_NAME if root.is_dir() else root
-    if not path.is_file():
-        raise ShardError(f"{path}: no shard index (run `knowlip pack` first, or point at its output folder)")
+def load_index(root: str | Path, storage: StorageOptions | None = None, check_files: bool = True) -> ShardIndex:
+    """Read index.json of a shard folder or prefix (or the index.json itself), checking that every shard and
+    sample table it names exists, with the shard's size (one listing on object storage)."""
+    root = str(root)
+    if root.endswith(INDEX_NAME):
+        root = root[: -len(INDEX_NAME)].rstrip("/") or "."
+    store = open_store(root, storage)
+    where = store.url(INDEX_NAME)
     try:
-        raw = json.loads(path.read_text())
-        shards = [ShardInfo(**{k: s[k] for k in ("name", "samples", "bytes", "offsets", "end", "sha256")},
-                            checksums=s.get("checksums")) for s in raw["shards"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ShardError(f"{path}: not a valid knowlip shard index ({exc})") from exc
-    index = ShardIndex(path.parent, shards, {k: v for k, v in raw.items() if k != "shards"})
-    for s in shards:
-        p = index.path(s)
-        if not p.is_file():
-            raise ShardError(f"{p}: shard listed in {path} is missing")
-        if p.stat().st_size != s.bytes:
-            raise ShardError(f"{p}: size {p.stat().st_size} differs from the index ({s.bytes}); re-pack or restore it")
+        raw = json.loads(store.read(INDEX_NAME))
+    except StorageError as exc:
+        raise ShardError(f"{where}: no shard index (run `knowlip pack` first, or point at its output folder; "
+                         f"{exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardError(f"{where}: not a valid knowlip shard index ({exc})") from exc
+    try:
+        index = _index_from_json(root, store, raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ShardError(f"{where}: not a valid knowlip shard index ({type(exc).__name__}: {exc})") from exc
+    if check_files:
+        _check_files(index, where)
     return index
+
+
+def _index_from_json(root: str, store, raw: dict) -> ShardIndex:
+    info = {k: v for k, v in raw.items() if k not in ("shards", "shard_columns")}
+    version = raw.get("version", 1)
+    if version == 1:
+        entries = raw["shards"]
+        column = lambda key: [e[key] for e in entries]
+        return ShardIndex(root, store, column("name"), np.asarray(column("samples"), np.int64),
+                          np.asarray(column("bytes"), np.int64), np.asarray(column("end"), np.int64),
+                          column("sha256"), info, v1_entries=entries)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"index format version {version} is newer than this knowlip reads ({FORMAT_VERSION})")
+    c = raw["shard_columns"]
+    return ShardIndex(root, store, list(c["name"]), np.asarray(c["samples"], np.int64),
+                      np.asarray(c["bytes"], np.int64), np.asarray(c["end"], np.int64), list(c["sha256"]), info)
+
+
+def _check_files(index: ShardIndex, where: str) -> None:
+    tables = [table_name(n) for n in index.names] if index.version >= 2 else []
+    found = index.store.sizes(list(index.names) + tables)
+    for name, size in zip(index.names, index.sizes.tolist()):
+        if name not in found:
+            raise ShardError(f"{index.store.url(name)}: shard listed in {where} is missing")
+        if found[name] != size:
+            raise ShardError(f"{index.store.url(name)}: size {found[name]} differs from the index ({size}); "
+                             "re-pack or restore it")
+    missing = [t for t in tables if t not in found]
+    if missing:
+        raise ShardError(f"{index.store.url(missing[0])}: sample table of a shard listed in {where} is missing")
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -124,16 +272,23 @@ def encode_sample(chip: np.ndarray, caption: str, meta: dict) -> dict[str, bytes
 
 
 class ShardWriter:
-    """Writes samples into numbered shards, rolling over by sample count or size; atomic per shard."""
+    """Writes samples into numbered shards, rolling over by sample count or size. Each shard is written to a
+    staging folder and published to `out` with its sample table (a folder: an atomic rename; an object store:
+    an upload), one shard at a time, so local disk holds at most one shard of a remote packing."""
 
-    def __init__(self, out_dir: str | Path, max_samples: int, max_bytes: int):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, out: str | Path, max_samples: int, max_bytes: int, storage: StorageOptions | None = None):
+        self.store = open_store(out, storage)
+        if self.store.remote:
+            import tempfile
+
+            self._staging = Path(tempfile.mkdtemp(prefix="knowlip-pack-"))
+        else:
+            self._staging = Path(out)
+            self._staging.mkdir(parents=True, exist_ok=True)
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.shards: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
-        self._offsets: list[int] = []
-        self._checksums: list[list[str]] = []
+        self._rows: list[tuple[int, list[int], int]] = []
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         if "." in key:
@@ -141,41 +296,47 @@ class ShardWriter:
         if self._tar is None:
             self._open()
         assert self._tar is not None
-        self._offsets.append(self._tar.offset)
-        self._checksums.append(member_checksums(members))
+        self._rows.append((self._tar.offset, *member_checksums(members)))
         for ext, payload in members.items():
             self._tar.addfile(_tarinfo(f"{key}.{ext}", len(payload)), io.BytesIO(payload))
-        if len(self._offsets) >= self.max_samples or self._tar.offset >= self.max_bytes:
+        if len(self._rows) >= self.max_samples or self._tar.offset >= self.max_bytes:
             self._close()
 
     def finish(self) -> list[ShardInfo]:
-        """Close the last shard and remove shards of an earlier packing that this one did not replace
-        (only now, so that a packing that fails part-way leaves the earlier shards it did not reach)."""
+        """Close the last shard and remove shards (and tables) of an earlier packing that this one did not
+        replace (only now, so that a packing that fails part-way leaves the earlier shards it did not reach)."""
         if self._tar is not None:
             self._close()
-        kept = {s.name for s in self.shards}
-        for old in self.out_dir.glob("shard-*.tar"):
-            if old.name not in kept:
-                old.unlink()
+        kept = {s.name for s in self.shards} | {table_name(s.name) for s in self.shards}
+        for old in self.store.list("shard-"):
+            if old not in kept and old.endswith((".tar", ".idx.npy")):
+                self.store.remove(old)
+        if self.store.remote:
+            self._staging.rmdir()
         return self.shards
 
     def _open(self) -> None:
-        name = f"shard-{len(self.shards):06d}.tar"
-        self._tmp = self.out_dir / f".{name}.tmp"
-        self._name = name
+        self._name = f"shard-{len(self.shards):06d}.tar"
+        self._tmp = self._staging / f".{self._name}.tmp"
         self._file = _HashingFile(self._tmp.open("wb"))
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
-        self._offsets, self._checksums = [], []
+        self._rows = []
 
     def _close(self) -> None:
         assert self._tar is not None
         end = self._tar.offset
         self._tar.close()
         self._file.close()
-        os.replace(self._tmp, self.out_dir / self._name)
-        size = (self.out_dir / self._name).stat().st_size
-        self.shards.append(ShardInfo(self._name, len(self._offsets), size, self._offsets, end, self._file.hexdigest(),
-                                     self._checksums))
+        shard = ShardInfo(self._name, len(self._rows), self._tmp.stat().st_size, end, self._file.hexdigest())
+        rows = np.zeros(len(self._rows), SAMPLE_TABLE)
+        rows["offset"] = [r[0] for r in self._rows]
+        rows["checksum"] = [r[1] for r in self._rows]
+        rows["members"] = [r[2] for r in self._rows]
+        buf = io.BytesIO()
+        np.save(buf, rows, allow_pickle=False)
+        self.store.write(table_name(self._name), buf.getvalue())  # the table first: a shard never lacks one
+        self.store.upload(self._name, self._tmp)
+        self.shards.append(shard)
         self._tar = None
 
 
@@ -199,16 +360,29 @@ class _HashingFile:
         return self._h.hexdigest()
 
 
-def write_index(out_dir: str | Path, shards: list[ShardInfo], info: dict) -> Path:
-    """index.json, written atomically after every shard is in place."""
-    out_dir = Path(out_dir)
+def write_index(out: str | Path, shards: list[ShardInfo], info: dict, storage: StorageOptions | None = None) -> str:
+    """index.json, written (atomically) after every shard and table is in place; returns its path or URL."""
+    columns = {key: [getattr(s, key) for s in shards] for key in ("name", "samples", "bytes", "end", "sha256")}
     body = {"format": "knowlip-shards", "version": FORMAT_VERSION, "checksum": CHECKSUM, **info,
-            "total_samples": sum(s.samples for s in shards), "num_shards": len(shards),
-            "shards": [s.__dict__ for s in shards]}
-    tmp = out_dir / f".{INDEX_NAME}.tmp"
-    tmp.write_text(json.dumps(body, indent=1))
-    os.replace(tmp, out_dir / INDEX_NAME)
-    return out_dir / INDEX_NAME
+            "total_samples": sum(s.samples for s in shards), "num_shards": len(shards), "shard_columns": columns}
+    store = open_store(out, storage)
+    store.write(INDEX_NAME, json.dumps(body, indent=1).encode())
+    return store.url(INDEX_NAME)
+
+
+def index_v1_body(index: ShardIndex, checksums: bool = True) -> dict:
+    """The version-1 form of an index (every offset and hex checksum inside index.json, as knowlip wrote before
+    format 2; `checksums=False`: as before per-sample checksums): for compatibility tests and benchmarks."""
+    shards = []
+    for s in range(index.num_shards):
+        table, entry = index.table(s), index.shard(s).__dict__.copy()
+        entry["offsets"] = [int(o) for o in table.offsets]
+        if checksums and table.checksums is not None:
+            entry["checksums"] = [[f"{int(c):016x}" if int(m) >> k & 1 else "" for k, c in enumerate(row)]
+                                  for row, m in zip(table.checksums, table.members)]
+        shards.append(entry)
+    body = {k: v for k, v in index.info.items() if k not in ("version", "checksum")}
+    return {**body, "version": 1, **({"checksum": CHECKSUM} if checksums else {}), "shards": shards}
 
 
 def npy_header(raw: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -220,29 +394,6 @@ def npy_header(raw: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
     if fortran or dtype.hasobject:
         raise ValueError("unsupported npy layout (Fortran order or Python objects)")
     return shape, dtype, buf.tell()
-
-
-def read_sample_bytes(f, shard: ShardInfo, i: int) -> dict[str, bytes]:
-    """Members of sample i, read with one positioned read from an open shard file and checked against the
-    checksums recorded at packing (CorruptSample when they differ)."""
-    offset, length = shard.sample_range(i)
-    raw = os.pread(f.fileno(), length, offset)
-    if len(raw) != length:
-        raise ShardError(f"{shard.name}: truncated at sample {i}")
-    members = parse_members(raw)
-    verify_sample(shard, i, members)
-    return members
-
-
-def verify_sample(shard: ShardInfo, i: int, members: dict[str, bytes]) -> None:
-    """Raise CorruptSample, naming the shard, sample and member, when bytes differ from those packed."""
-    if not shard.checksums:
-        return  # an index written before checksums: nothing to compare with
-    for ext, expected, got in zip(MEMBERS, shard.checksums[i], member_checksums(members)):
-        if expected != got:
-            key = members.get("__key__", b"?").decode(errors="replace")
-            raise CorruptSample(f"{shard.name} sample {i} ({key}): {ext or 'member'} bytes differ from the checksum "
-                                "recorded at packing (damaged shard)")
 
 
 def parse_members(raw: bytes) -> dict[str, bytes]:

@@ -6,46 +6,60 @@ import hashlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from knowlip.data.shards import CorruptSample, ShardError, ShardInfo, load_index, read_sample_bytes
+from knowlip.data.shards import CorruptSample, ShardError, ShardIndex, load_index
+from knowlip.data.storage import StorageOptions
+
+CHUNK = 256  # samples read per call
+_INDEX: ShardIndex | None = None  # a pool worker's copy, sent once (not once per shard)
 
 
-def _file_sha256(path: Path) -> str:
+def _init_worker(index: ShardIndex) -> None:
+    global _INDEX
+    _INDEX = index
+
+
+def _sha256(index: ShardIndex, name: str) -> str:
+    if index.store.remote:  # one request for the whole object
+        return hashlib.sha256(index.store.read(name)).hexdigest()
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with index.store.path(name).open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def verify_shard(path: Path, shard: ShardInfo) -> dict:
-    """One shard: its sha256 against the index, then each sample read and checked as the loader would."""
-    result = {"shard": shard.name, "sha256_ok": _file_sha256(path) == shard.sha256, "damaged": []}
-    with path.open("rb") as f:
-        for i in range(shard.samples):
-            try:
-                read_sample_bytes(f, shard, i)
-            except CorruptSample as exc:
-                result["damaged"].append(str(exc))
-            except (ShardError, ValueError, EOFError) as exc:
-                result["damaged"].append(f"{shard.name} sample {i}: unreadable ({exc})")
+def verify_shard(s: int, index: ShardIndex | None = None) -> dict:
+    """Shard number s: its sha256 against the index, then each sample read and checked as the loader would."""
+    index = index or _INDEX
+    assert index is not None
+    shard = index.shard(s)
+    result = {"shard": shard.name, "sha256_ok": _sha256(index, shard.name) == shard.sha256, "damaged": []}
+    try:
+        for lo in range(0, shard.samples, CHUNK):
+            numbers = range(lo, min(lo + CHUNK, shard.samples))
+            for i, members in zip(numbers, index.read_samples([(s, i) for i in numbers])):
+                if isinstance(members, CorruptSample):
+                    result["damaged"].append(str(members))
+                elif isinstance(members, ShardError):
+                    result["damaged"].append(f"{shard.name} sample {i}: unreadable ({members})")
+    except ShardError as exc:  # its sample table is damaged: nothing of the shard can be located
+        result["damaged"].append(f"{shard.name}: every sample unreadable ({exc})")
     return result
 
 
-def verify_shards(root: str | Path, jobs: int = 1) -> dict:
-    """The whole shard folder, `jobs` shards at a time. report["ok"] is False on any damage."""
-    index = load_index(root)
-    work = [(index.path(s), s) for s in index.shards]
+def verify_shards(root: str | Path, jobs: int = 1, storage: StorageOptions | None = None) -> dict:
+    """The whole shard folder or prefix, `jobs` shards at a time. report["ok"] is False on any damage."""
+    index = load_index(root, storage)
     if jobs > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(verify_shard, *zip(*work)))
+        with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(index,)) as pool:
+            results = list(pool.map(verify_shard, range(index.num_shards)))
     else:
-        results = [verify_shard(p, s) for p, s in work]
-    with_checksums = all(s.checksums for s in index.shards)
+        results = [verify_shard(s, index) for s in range(index.num_shards)]
     damaged = [d for r in results for d in r["damaged"]]
     bad_files = [r["shard"] for r in results if not r["sha256_ok"]]
     return {"root": str(index.root), "shards": len(results), "samples": index.total_samples,
-            "per_sample_checksums": with_checksums, "shards_with_wrong_sha256": bad_files, "damaged_samples": damaged,
-            "ok": not damaged and not bad_files}
+            "per_sample_checksums": index.has_checksums, "shards_with_wrong_sha256": bad_files,
+            "damaged_samples": damaged, "ok": not damaged and not bad_files}
 
 
 def format_report(report: dict) -> str:
