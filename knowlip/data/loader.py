@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+from collections import abc
 from collections import Counter
 import tarfile
 from dataclasses import dataclass, field
@@ -101,18 +101,50 @@ class LazyOrder:
         return out
 
 
-def step_slices(num_samples: int, cursor: int, world_size: int, batch_size: int, drop_last: bool) -> list[list[tuple[int, int]]]:
-    """For every remaining step of the epoch, each rank's [start, stop) positions in the canonical order."""
-    full = world_size * batch_size
-    steps = []
-    while num_samples - cursor >= full:
-        steps.append([(cursor + r * batch_size, cursor + (r + 1) * batch_size) for r in range(world_size)])
-        cursor += full
-    rest = num_samples - cursor
-    if rest >= world_size and not drop_last:  # a smaller last step, split as evenly as the ranks allow
-        bounds = [cursor + (rest * r) // world_size for r in range(world_size + 1)]
-        steps.append(list(zip(bounds[:-1], bounds[1:])))
-    return steps
+class StepSlices(abc.Sequence):
+    """For every remaining step of the epoch, each rank's [start, stop) positions in the canonical order,
+    computed on demand (a billion-sample epoch has millions of steps: no list of them is built). Full steps
+    take world_size * batch_size positions; the last, smaller step (unless drop_last) is split as evenly as the
+    ranks allow, and dropped when fewer positions than ranks are left."""
+
+    def __init__(self, num_samples: int, cursor: int, world_size: int, batch_size: int, drop_last: bool):
+        self.cursor, self.world_size, self.batch_size = cursor, world_size, batch_size
+        self.full_steps = (num_samples - cursor) // (world_size * batch_size)
+        self.rest = num_samples - cursor - self.full_steps * world_size * batch_size
+        self.partial = self.rest >= world_size and not drop_last
+
+    def __len__(self) -> int:
+        return self.full_steps + int(self.partial)
+
+    def __getitem__(self, k: int) -> list[tuple[int, int]]:
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        k %= len(self)
+        start = self.cursor + k * self.world_size * self.batch_size
+        if k < self.full_steps:
+            return [(start + r * self.batch_size, start + (r + 1) * self.batch_size) for r in range(self.world_size)]
+        bounds = [start + (self.rest * r) // self.world_size for r in range(self.world_size + 1)]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def for_rank(self, rank: int) -> "RankSlices":
+        return RankSlices(self, rank)
+
+
+class RankSlices(abc.Sequence):
+    """One rank's [start, stop) of each remaining step (a view of StepSlices)."""
+
+    def __init__(self, steps: StepSlices, rank: int):
+        self.steps, self.rank = steps, rank
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, k: int) -> tuple[int, int]:
+        return self.steps[k][self.rank]
+
+
+def step_slices(num_samples: int, cursor: int, world_size: int, batch_size: int, drop_last: bool) -> StepSlices:
+    return StepSlices(num_samples, cursor, world_size, batch_size, drop_last)
 
 
 def step_size(slices: list[tuple[int, int]]) -> int:
@@ -203,7 +235,7 @@ def _stack(samples: list[Sample]) -> torch.Tensor:
 class _RankSteps(IterableDataset):
     """One rank's remaining steps of one epoch; worker k builds steps k, k+K, ..."""
 
-    def __init__(self, index: ShardIndex, order: np.ndarray, slices: list[tuple[int, int]], first_step: int,
+    def __init__(self, index: ShardIndex, order: np.ndarray, slices: Sequence[tuple[int, int]], first_step: int,
                  tokenizer: Callable | None, decode_chip: bool):
         self.index, self.order, self.slices, self.first_step = index, order, slices, first_step
         self.tokenizer, self.decode_chip = tokenizer, decode_chip
@@ -292,7 +324,7 @@ class StreamingLoader:
             self._order_cache = (epoch, LazyOrder(self.index.samples, self.seed, epoch, self.shuffle_block))
         return self._order_cache[1]
 
-    def remaining_steps(self) -> list[list[tuple[int, int]]]:
+    def remaining_steps(self) -> StepSlices:
         return step_slices(self.num_samples, self.cursor, self.world_size, self.batch_size, self.drop_last)
 
     def __len__(self) -> int:
@@ -301,7 +333,7 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[dict]:
         steps = self.remaining_steps()
-        dataset = _RankSteps(self.index, self.order(self.epoch), [s[self.rank] for s in steps], self.step_in_epoch,
+        dataset = _RankSteps(self.index, self.order(self.epoch), steps.for_rank(self.rank), self.step_in_epoch,
                              self.tokenizer, self.decode_chip)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
@@ -376,9 +408,10 @@ def _check_readable(index: ShardIndex) -> None:
     they exist; on object storage its listing is the check)."""
     if index.store.remote:
         return
-    for name in index.names:
-        if not os.access(index.store.path(name), os.R_OK):
-            raise ShardError(f"{index.store.path(name)}: shard is not readable (permissions)")
+    bad = index.store.unreadable(index.names)
+    if bad:
+        raise ShardError(f"{index.store.url(bad[0])}: shard is not readable (permissions)"
+                         + (f", and {len(bad) - 1} more" if len(bad) > 1 else ""))
 
 
 def build_loader(data_cfg, rank: int = 0, world_size: int = 1, tokenizer: Callable | None = None,

@@ -124,14 +124,21 @@ class LocalStore:
         return self._files[name]
 
     def sizes(self, names: Sequence[str]) -> dict[str, int]:
-        """Sizes of these files (missing ones left out)."""
-        out = {}
-        for name in names:
-            try:
-                out[name] = (self.root / name).stat().st_size
-            except FileNotFoundError:
-                pass
+        """Sizes of these files (missing ones left out): one pass over the folder."""
+        wanted, out = set(names), {}
+        try:
+            with os.scandir(self.root) as entries:
+                for entry in entries:
+                    if entry.name in wanted:
+                        out[entry.name] = entry.stat().st_size
+        except FileNotFoundError:
+            pass
         return out
+
+    def unreadable(self, names: Sequence[str]) -> list[str]:
+        """The files among `names` this process may not read."""
+        root = str(self.root)
+        return [n for n in names if not os.access(os.path.join(root, n), os.R_OK)]
 
     def write(self, name: str, data: bytes) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
