@@ -306,7 +306,6 @@ class StreamingLoader:
             raise ValueError("batch_size and shuffle_block must be positive")
         self.index = shards if isinstance(shards, ShardIndex) else load_index(shards)
         _check_uniform(self.index)
-        _check_readable(self.index)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.seed, self.shuffle_block, self.drop_last = seed, shuffle_block, drop_last
@@ -401,17 +400,6 @@ def _check_uniform(index: ShardIndex) -> None:
     if len(dtypes) > 1:
         raise ShardError(f"{index.root}: samples of several dtypes {sorted(dtypes)} cannot share a batch; pack each "
                          "product kind into its own shard folder")
-
-
-def _check_readable(index: ShardIndex) -> None:
-    """Local shards the process may not read fail now, not in a worker mid-epoch (load_index has checked that
-    they exist; on object storage its listing is the check)."""
-    if index.store.remote:
-        return
-    bad = index.store.unreadable(index.names)
-    if bad:
-        raise ShardError(f"{index.store.url(bad[0])}: shard is not readable (permissions)"
-                         + (f", and {len(bad) - 1} more" if len(bad) > 1 else ""))
 
 
 def build_loader(data_cfg, rank: int = 0, world_size: int = 1, tokenizer: Callable | None = None,

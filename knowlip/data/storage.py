@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,22 +124,18 @@ class LocalStore:
             self._files[name] = open(self.root / name, "rb")
         return self._files[name]
 
-    def sizes(self, names: Sequence[str]) -> dict[str, int]:
-        """Sizes of these files (missing ones left out): one pass over the folder."""
-        wanted, out = set(names), {}
-        try:
-            with os.scandir(self.root) as entries:
-                for entry in entries:
-                    if entry.name in wanted:
-                        out[entry.name] = entry.stat().st_size
-        except FileNotFoundError:
-            pass
+    def sizes(self, names: Sequence[str]) -> dict[str, tuple[int, bool]]:
+        """(size, readable by this process) of these files, missing ones left out: one stat each, readability
+        from the mode bits (100k shards are checked in about 0.3 s)."""
+        root, out = str(self.root), {}
+        uid, groups = os.geteuid(), set(os.getgroups()) | {os.getegid()}
+        for name in names:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except FileNotFoundError:
+                continue
+            out[name] = (st.st_size, _readable(st, uid, groups))
         return out
-
-    def unreadable(self, names: Sequence[str]) -> list[str]:
-        """The files among `names` this process may not read."""
-        root = str(self.root)
-        return [n for n in names if not os.access(os.path.join(root, n), os.R_OK)]
 
     def write(self, name: str, data: bytes) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -151,7 +148,12 @@ class LocalStore:
         os.replace(local, self.root / name)
 
     def list(self, prefix: str = "") -> list[str]:
-        return sorted(p.name for p in self.root.glob(f"{prefix}*") if p.is_file()) if self.root.is_dir() else []
+        """Names in the folder starting with `prefix` (one directory pass, no stat)."""
+        try:
+            with os.scandir(self.root) as entries:
+                return sorted(e.name for e in entries if e.name.startswith(prefix) and not e.is_dir())
+        except FileNotFoundError:
+            return []
 
     def remove(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
@@ -160,6 +162,16 @@ class LocalStore:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def _readable(st: os.stat_result, uid: int, groups: set[int]) -> bool:
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid in groups:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -288,11 +300,12 @@ class ObjectStore:
             pending = failed
         raise AssertionError("unreachable")
 
-    def sizes(self, names: Sequence[str]) -> dict[str, int]:
-        """Sizes of the objects under the prefix that are among `names` (one listing, not a request each)."""
+    def sizes(self, names: Sequence[str]) -> dict[str, tuple[int, bool]]:
+        """(size, True) of the objects under the prefix that are among `names`: one listing, not a request
+        each (readability shows at the first read: the listing cannot tell)."""
         listing = self._call(lambda: self.fs.ls(self.base, detail=True, refresh=True), self.root + "/")
         wanted = set(names)
-        return {e["name"].rsplit("/", 1)[-1]: int(e["size"]) for e in listing
+        return {e["name"].rsplit("/", 1)[-1]: (int(e["size"]), True) for e in listing
                 if e.get("type") != "directory" and e["name"].rsplit("/", 1)[-1] in wanted}
 
     def write(self, name: str, data: bytes) -> None:
