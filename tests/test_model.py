@@ -507,6 +507,24 @@ def test_pretrained_minilm_maps_with_no_missing_encoder_keys():
     torch.testing.assert_close(model.text_m.layers[0].self_attn.query.weight, model.text.layers[0].self_attn.query.weight)
 
 
+def test_build_model_takes_the_pretrained_text_shape_beside_a_tiny_vit(tmp_path):
+    """model.pretrained_text on a preset whose text side differs (tiny: not MiniLM's 384 x 6) builds the text
+    model in the checkpoint's shape instead of failing on the first weight."""
+    from knowlip.config import load_config
+    from knowlip.model.build import build_model
+    from knowlip.text.tokenizer import load_tokenizer
+
+    path = _minilm_dir()
+    cfg = load_config(None, ["model.size=tiny", f"model.pretrained_text={path}", "model.queue_size=16",
+                             "model.text_dropout=0.05"])
+    model = build_model(cfg.model, load_tokenizer(path))
+    assert len(model.text.layers) == 6 and model.text.embeddings.word.weight.shape == (30524, 384)
+    assert model.text.layers[0].self_attn.query.weight.shape == (384, 384)
+    assert model.vision.blocks[0].attn.qkv.weight.shape[1] == preset("tiny").vision.dim  # the ViT stays tiny
+    dropouts = {m.p for m in model.text.modules() if isinstance(m, torch.nn.Dropout)}
+    assert dropouts == {0.05}  # the configured dropout, not the checkpoint's
+
+
 @pytest.mark.parametrize("with_head", [True, False])
 def test_pretrained_bert_loads_its_masked_lm_head_when_it_has_one(tmp_path, with_head):
     from transformers import BertConfig, BertForMaskedLM, BertModel

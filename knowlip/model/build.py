@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from knowlip.config import LossConfig
 from knowlip.model.dims import preset
@@ -14,8 +14,15 @@ def loss_config(section) -> LossConfig:
 
 
 def build_model(model_cfg, tokenizer) -> SarKnowLIP:
+    """The model of `model_cfg`. With `pretrained_text`, the text side takes that checkpoint's shape (width,
+    depth, heads: e.g. MiniLM's 384 x 6 beside a `tiny` ViT) and keeps the preset's position table and dropout."""
     dims = preset(model_cfg.size, model_cfg.image_size, model_cfg.queue_size, model_cfg.text_dropout,
                   model_cfg.drop_path)
+    if model_cfg.pretrained_text:
+        from knowlip.model.pretrained import text_dims_from_hf
+
+        shape = text_dims_from_hf(model_cfg.pretrained_text, max_positions=dims.text.max_positions)
+        dims = replace(dims, text=replace(shape, dropout=dims.text.dropout))
     model = SarKnowLIP(dims, len(tokenizer), SpecialTokens.from_tokenizer(tokenizer), model_cfg.in_channels,
                        model_cfg.attention, loss_config(model_cfg.losses))
     if model_cfg.pretrained_text:
