@@ -13,12 +13,15 @@ from knowlip.train.trainer import Trainer, TrainingStopped
 
 
 def train_rank(cfg, renv: RankEnv | None, stop: StopRequest) -> tuple[int, str]:
-    """Train (or resume) on this rank. Returns (exit code, outcome): outcome is "finished", "stopped" (a signal;
-    every rank saved) or "failed"."""
+    """Train (or resume) on this rank. Returns (exit code, outcome): outcome is "finished" (the end, or
+    train.stop_at: the job is over either way), "stopped" (a signal; every rank saved: Slurm requeues) or
+    "failed"."""
     trainer = Trainer(cfg, renv, stop)
-    if trainer.step >= cfg.train.steps:
+    last = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
+    if trainer.step >= last:
         if trainer.rank == 0:
-            print(f"the run in {cfg.run_dir} already finished: {trainer.step} of {cfg.train.steps} steps "
+            what = "finished" if last == cfg.train.steps else f"reached train.stop_at={last}"
+            print(f"the run in {cfg.run_dir} already {what}: {trainer.step} of {cfg.train.steps} steps "
                   f"(checkpoint {trainer.resumed_from}); nothing to train")
         return 0, "finished"
     try:
@@ -26,7 +29,7 @@ def train_rank(cfg, renv: RankEnv | None, stop: StopRequest) -> tuple[int, str]:
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3, "failed"
-    outcome = "stopped" if result["stopped"] else "finished"
+    outcome = "stopped" if (result["stopped"] or "").startswith("signal") else "finished"
     if trainer.rank == 0:
         losses = [h["loss"] for h in result["history"]]
         if result["stopped"]:
