@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/scaling_model.py [--preset base] [--plot runs/scaling.png]
     .venv/bin/python bench/scaling_model.py --cross-check      # the same formula against a 2-rank gloo run here
+    nsenter --net=/var/run/netns/knowlip-node1 .venv/bin/python bench/scaling_model.py --cross-check --two-hosts
+                                                               # ... one rank on each host (up.sh --nodes 2)
 
 Inputs, all printed with the table:
 - the measured single-GPU step (compute, from BENCHMARKS.md: `base` 224 px, batch 128 per GPU, one H100:
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -181,7 +184,7 @@ def plot(rows: list[dict], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _rank_main(rank: int, world: int, port: int, steps: int, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, steps: int, out: str, master: str = "127.0.0.1") -> None:
     import torch
     import torch.distributed as dist
 
@@ -191,7 +194,9 @@ def _rank_main(rank: int, world: int, port: int, steps: int, out: str) -> None:
 
     torch.set_num_threads(1)
     device = torch.device("cpu")
-    init_process_group(RankEnv(rank, world, rank, world, "127.0.0.1", port), device, "gloo", 300)
+    local = 0 if master != "127.0.0.1" else rank  # one rank per host under srun -N2
+    init_process_group(RankEnv(rank, world, local, 1 if master != "127.0.0.1" else world, master, port), device,
+                       "gloo", 300)
     result = {}
     if world > 1:  # gloo's bus bandwidth for an all-gather the size of the model's bf16... here fp32 weights
         x = torch.ones(4 * 2**20)
@@ -216,7 +221,10 @@ def _rank_main(rank: int, world: int, port: int, steps: int, out: str) -> None:
     dist.barrier()
 
 
-def cross_check(steps: int) -> dict:
+def cross_check(steps: int, two_hosts: bool = False) -> dict:
+    """One gloo rank here, then two: on this host (mp.spawn), or one on each host of the two-host cluster
+    (`srun -N2` from node1's namespace, cluster/local/up.sh --nodes 2); the formula against the measurement."""
+    import subprocess
     import tempfile
 
     import torch.multiprocessing as mp
@@ -225,10 +233,16 @@ def cross_check(steps: int) -> dict:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     measured = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:  # on the file system both hosts see
         for world in (1, 2):
             out = f"{tmp}/r{world}.json"
-            mp.spawn(_rank_main, args=(world, free_port(), steps, out), nprocs=world, join=True)
+            if world == 2 and two_hosts:
+                proc = subprocess.run(["srun", "-N2", "-n2", sys.executable, __file__, "--slurm-rank", out,
+                                       "--steps", str(steps)], capture_output=True, text=True, timeout=900)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"srun failed: {proc.stderr[-2000:]}")
+            else:
+                mp.spawn(_rank_main, args=(world, free_port(), steps, out), nprocs=world, join=True)
             measured[world] = json.loads(Path(out).read_text())
     one, two = measured[1], measured[2]
     w = workload("tiny", one["step_s"], 0.0, 0)
@@ -236,11 +250,21 @@ def cross_check(steps: int) -> dict:
     volume = comm_bytes(3, w, 2) * 2
     fetches = _count_fetches()
     predicted = one["step_s"] + volume / (two["allgather_GBps"] * 1e9) + fetches * two["latency_s"]
-    return {"bench": "scaling_cross_check", "world_1_step_s": round(one["step_s"], 4),
+    return {"bench": "scaling_cross_check", "ranks": "one on each of two hosts (veth)" if two_hosts else "2 on one host",
+            "world_1_step_s": round(one["step_s"], 4),
             "world_2_step_s_measured": round(two["step_s"], 4), "world_2_step_s_predicted": round(predicted, 4),
             "gloo_allgather_GBps": round(two["allgather_GBps"], 3), "gloo_latency_ms": round(two["latency_s"] * 1e3, 3),
             "fetched_modules_per_step": fetches, "comm_MB_per_step": round(volume / 1e6, 2),
             "prediction_error": round(predicted / two["step_s"] - 1, 3)}
+
+
+def slurm_rank(out: str, steps: int) -> None:
+    """One rank of an `srun -N2` step: its place from Slurm, rank 0's host as the rendezvous."""
+    from knowlip.launch.local import first_slurm_host
+
+    os.environ["MASTER_ADDR"] = first_slurm_host(os.environ["SLURM_JOB_NODELIST"])
+    _rank_main(int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), 29533, steps, out,
+               os.environ["MASTER_ADDR"])
 
 
 def _count_fetches() -> int:
@@ -273,12 +297,18 @@ def main() -> int:
     parser.add_argument("--zero3-collectives", type=int, default=1770, help="fetched modules per step (cProfile)")
     parser.add_argument("--plot", type=Path, default=Path("runs/scaling_model.png"))
     parser.add_argument("--cross-check", action="store_true", help="measure 1 and 2 gloo ranks here and compare")
+    parser.add_argument("--two-hosts", action="store_true",
+                        help="with --cross-check: the 2 ranks on the two-host cluster (run in node1's namespace)")
+    parser.add_argument("--slurm-rank", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     emit.out = args.out
+    if args.slurm_rank:
+        slurm_rank(args.slurm_rank, args.steps)
+        return 0
     if args.cross_check:
-        emit(cross_check(args.steps))
+        emit(cross_check(args.steps, args.two_hosts))
         return 0
     w = workload(args.preset, args.compute_s, args.zero3_host_s, args.zero3_collectives)
     rows = table(w)
