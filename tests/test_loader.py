@@ -245,3 +245,19 @@ def test_a_chip_of_another_shape_is_skipped_even_when_it_comes_first():
     batch = _RankSteps(None, np.arange(3), [], 0, None, True)._build(FakeReader(), np.arange(3))
     assert batch["chips"].shape == (3, 1, 4, 4)
     assert batch["is_duplicate"].tolist() == [True, False, False] and "odd" in batch["skipped"][0]
+
+
+def test_a_local_reader_keeps_a_bounded_number_of_shards_open(synth_shards, monkeypatch):
+    """An epoch over many shards must not run out of file descriptors: least recently used shards are closed."""
+    from knowlip.data import storage
+
+    monkeypatch.setattr(storage, "OPEN_FILES", 2)
+    expected = flat(keys_by_step(make(synth_shards, 1, 0, 8, shuffle_block=10**6)))
+    index = load_index(synth_shards)
+    assert index.num_shards > 2
+    loader = StreamingLoader(index, 8, shuffle_block=10**6)
+    seen = []
+    for batch in loader:
+        seen += [k for k, d in zip(batch["keys"], batch["is_duplicate"]) if not d]
+        assert len(index.store._files) <= 2
+    assert seen == expected

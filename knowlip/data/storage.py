@@ -16,11 +16,13 @@ import os
 import random
 import stat
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 Range = tuple[int, int]  # (offset, length) in bytes
+OPEN_FILES = 256  # shard files a local reader keeps open
 
 
 class StorageError(OSError):
@@ -90,7 +92,7 @@ class LocalStore:
     def __init__(self, root: str | Path, options: StorageOptions | None = None):
         self.root = Path(root)
         self.stats = StoreStats()
-        self._files: dict[str, Any] = {}
+        self._files: OrderedDict[str, Any] = OrderedDict()
         self._pid = os.getpid()
 
     def url(self, name: str) -> str:
@@ -118,10 +120,16 @@ class LocalStore:
         return out
 
     def _open(self, name: str):
+        """The shard's file, kept open (at most OPEN_FILES per process, least recently used closed first: an
+        epoch over 100k shards must not run out of descriptors)."""
         if os.getpid() != self._pid:  # a forked loader worker: its own descriptors
-            self._files, self._pid = {}, os.getpid()
-        if name not in self._files:
+            self._files, self._pid = OrderedDict(), os.getpid()
+        if name in self._files:
+            self._files.move_to_end(name)
+        else:
             self._files[name] = open(self.root / name, "rb")
+            if len(self._files) > OPEN_FILES:
+                self._files.popitem(last=False)[1].close()
         return self._files[name]
 
     def sizes(self, names: Sequence[str]) -> dict[str, tuple[int, bool]]:
