@@ -267,3 +267,26 @@ def test_a_shard_missing_from_the_bucket_is_named(s3_endpoint, synth_shards):
         load_index(url)
     with pytest.raises(StorageError, match=rf"{url}/{index.names[1]}: no such object"):  # a loader mid-epoch
         index.read_samples([(1, 0)])
+
+
+def test_verify_and_inspect_read_shards_from_the_bucket(s3_endpoint, synth_shards, tmp_path):
+    """`knowlip data verify` and `data inspect` on a URL; damage planted in one object is named."""
+    import boto3
+
+    url = upload(synth_shards, s3_endpoint)
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "knowlip.cli", "data", *a], capture_output=True, text=True,
+                                    timeout=300)
+    ok = cli("verify", url)
+    assert ok.returncode == 0 and ok.stdout.rstrip().endswith("OK"), ok.stdout + ok.stderr
+    inspected = cli("inspect", url, "--json")
+    assert inspected.returncode == 0 and '"samples": 96' in inspected.stdout, inspected.stderr
+    index = load_index(url)
+    name = index.names[2]
+    offset, length = index.table(2).sample_range(1)
+    raw = bytearray((synth_shards / name).read_bytes())
+    raw[offset + length - 600] ^= 0xFF  # a byte near the end of sample 1 (its json/txt payloads)
+    key = f"{url.split(BUCKET + '/')[1]}/{name}"
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(Bucket=BUCKET, Key=key, Body=bytes(raw))
+    bad = cli("verify", url)
+    assert bad.returncode == 1 and f"damaged: {name} sample 1" in bad.stdout and f"{name}: sha256 differs" in bad.stdout, \
+        bad.stdout + bad.stderr
