@@ -59,8 +59,8 @@ else
   # name | train_step.py arguments; each case is its own child, profiled. GPU_CHECK_CASES picks some by name.
   cases=(
     "plain|--batches 224:128 --groups plain/224/eager"
-    "plain_bf16_weights|--batches 224:128 --groups plain/224/eager --variant bf16_weights"
-    "plain_bf16_weights_search|--groups plain/224/eager --variant bf16_weights"
+    "plain_bf16_weights|--batches 224:128 --groups plain/224/eager --override train.precision=bf16_weights"
+    "plain_bf16_weights_search|--groups plain/224/eager --override train.precision=bf16_weights"
     "zero3|--batches 224:128 --groups deepspeed/224/eager"
     "zero3_persistent|--batches 224:128 --groups deepspeed/224/eager --override deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7"
     "zero3_persistent_torch_linear|--batches 224:128 --groups deepspeed/224/eager --override deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7 --override deepspeed.zero_optimization.memory_efficient_linear=false"
@@ -106,7 +106,7 @@ from train_step import print_table
 print_table(rows("train_step.jsonl"))
 for r in rows("train_step.jsonl"):
     if "profile" in r:
-        print(f"  profile {r['engine']}{'/' + r['variant'] if r.get('variant') else ''}: GPU busy "
+        print(f"  profile {r['engine']}{' ' + ' '.join(r['overrides']) if r.get('overrides') else ''}: GPU busy "
               f"{r['gpu_busy_share']:.0%} of {r['wall_s']} s wall ({r['cuda_kernels_s']} s of kernels, 2 steps)")
 EOF
 exit $status

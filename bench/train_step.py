@@ -92,12 +92,9 @@ def device_name(device: torch.device) -> str:
 
 
 def build(engine_name: str, size: str, image_size: int, batch: int, text_len: int, device: torch.device,
-          bf16: bool, compile_blocks: bool = False, overrides: tuple[str, ...] = (), variant: str = ""):
-    """(engine, dims, vocab) of a fresh model, built as the trainer builds it.
-
-    variant "bf16_weights" (plain engine only) is a speed probe, not a training recipe: the model's weights
-    and activations in bf16 without autocast (and AdamW on the bf16 weights), to measure what autocast's
-    casts and the float32 residual stream cost; a real run would keep float32 master weights."""
+          bf16: bool, compile_blocks: bool = False, overrides: tuple[str, ...] = ()):
+    """(engine, dims, vocab) of a fresh model, built as the trainer builds it (`overrides` may set
+    train.precision=bf16_weights: the plain engine's bf16 weights with float32 masters)."""
     cfg = load_config(None, [f"train.engine={engine_name}", f"model.size={size}", f"model.image_size={image_size}",
                              f"data.batch_size={batch}", f"data.max_text_len={text_len}", "train.grad_clip=1.0",
                              *overrides])
@@ -108,15 +105,7 @@ def build(engine_name: str, size: str, image_size: int, batch: int, text_len: in
     if compile_blocks:
         for block in [*model.vision.blocks, *model.text.layers]:
             block.compile()
-    engine = build_engine(model, cfg, device, bf16, accumulation=1)
-    if variant == "bf16_weights":
-        if engine_name != "plain":
-            raise ValueError("variant bf16_weights is for the plain engine (ZeRO-3's bf16 mode already is)")
-        engine.module.to(torch.bfloat16)
-        engine.autocast = None
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r}")
-    return engine, dims, vocab
+    return build_engine(model, cfg, device, bf16, accumulation=1), dims, vocab
 
 
 def random_batch(batch: int, image_size: int, text_len: int, vocab: int, device: torch.device, dtype, padded: bool):
@@ -256,8 +245,7 @@ def gpu_group(spec: dict) -> None:
     first = batches.get("off") or candidates[0]
     t0 = time.perf_counter()
     overrides = tuple(spec.get("overrides") or ())
-    engine, dims, vocab = build(engine_name, size, image, first, text_len, device, True, spec["compile"], overrides,
-                                spec.get("variant", ""))
+    engine, dims, vocab = build(engine_name, size, image, first, text_len, device, True, spec["compile"], overrides)
     build_s = time.perf_counter() - t0
     model = engine.module
     for ac in [ac for ac in (False, True) if spec.get("ac", "both") in ("both", "on" if ac else "off")]:
@@ -265,7 +253,7 @@ def gpu_group(spec: dict) -> None:
         model.vision.activation_checkpointing = model.text.activation_checkpointing = ac
         row = {"bench": "train_step", "engine": engine_name, "preset": size, "image_size": image,
                "text_len": text_len, "precision": "bf16", "compile": spec["compile"], "activation_checkpointing": ac,
-               "overrides": list(overrides), "variant": spec.get("variant", ""),
+               "overrides": list(overrides),
                "device": device_name(device), "torch": torch.__version__}
         t0 = time.perf_counter()
         if spec.get("search"):  # upward from the last batch that fitted (checkpointing only lowers memory)
@@ -303,7 +291,7 @@ def gpu_group(spec: dict) -> None:
         print(json.dumps(row), flush=True)
         if spec.get("profile_out") and not ac:
             busy = profile_top_kernels(engine, inputs, device, Path(spec["profile_out"]))
-            print(json.dumps({**{k: row[k] for k in ("bench", "engine", "image_size", "batch_size", "variant")},
+            print(json.dumps({**{k: row[k] for k in ("bench", "engine", "image_size", "batch_size", "overrides")},
                               "profile": spec["profile_out"], **busy}), flush=True)
 
 
@@ -340,7 +328,7 @@ def gpu_driver(args) -> int:
             emit({"bench": "train_step", "group": label, "skipped": f"{left:.0f} s left of --budget-s"})
             continue
         search = engine_name == "plain" and not compiled and image not in batches
-        spec = {"ac": args.ac, "overrides": args.override, "variant": args.variant, "engine": engine_name, "image_size": image, "text_len": args.text_len, "compile": compiled,
+        spec = {"ac": args.ac, "overrides": args.override, "engine": engine_name, "image_size": image, "text_len": args.text_len, "compile": compiled,
                 "device": device.type, "preset": size, "candidates": candidates[image],
                 "steps": args.steps, "ceiling": ceiling, "search": search, "batches": batches.get(image),
                 "profile_out": str(args.profile_out) if args.profile_out and image == 224 and not profiled else None}
@@ -374,7 +362,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if "median_step_s" in r:
             num = lambda key, width, digits: f"{r[key]:>{width}.{digits}f}" if r.get(key) is not None else f"{'-':>{width}}"
-            print(f"{r['engine'] + ('+' if r.get('overrides') or r.get('variant') else ''):<10}{r['image_size']:>5}{str(r['compile'])[0]:>8}{str(r['activation_checkpointing'])[0]:>4}"
+            print(f"{r['engine'] + ('+' if r.get('overrides') else ''):<10}{r['image_size']:>5}{str(r['compile'])[0]:>8}{str(r['activation_checkpointing'])[0]:>4}"
                   f"{r['batch_size']:>7}{num('median_step_s', 8, 3)}{num('samples_per_s', 8, 1)}"
                   f"{num('tflops_per_s', 9, 1)}{num('mfu', 7, 3)}{num('mfu_vs_ceiling', 7, 3)}{num('peak_mem_gib', 9, 1)}")
         elif r.get("bench") == "matmul_ceiling":
@@ -398,8 +386,6 @@ def main() -> int:
     parser.add_argument("--groups", default="", help="GPU grid: only these, e.g. plain/224/compile,deepspeed/224/eager")
     parser.add_argument("--ac", choices=("off", "on", "both"), default="both", help="activation checkpointing cases")
     parser.add_argument("--batches", default="", help="GPU grid: batches instead of the search, e.g. 224:128,512:64")
-    parser.add_argument("--variant", default="", choices=("", "bf16_weights"),
-                        help="GPU grid, plain engine: a speed probe (see build())")
     parser.add_argument("--override", action="append", default=[],
                         help="config dotlist for every case, e.g. deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7")
     args = parser.parse_args()

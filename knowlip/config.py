@@ -175,7 +175,9 @@ class TrainConfig:
     alpha_ramp_steps: float = 20
     log_every: int = 5
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    # auto (bf16 on GPU, fp32 on CPU) | bf16 | bf16_weights | fp32. bf16 with the plain engine is autocast
+    # (float32 weights); bf16_weights keeps the weights in bf16 with float32 masters (faster; ZeRO-3's bf16 is this).
+    precision: str = "auto"
     tokenizer_vocab: int = 2048  # WordPiece vocabulary trained on the captions when model.tokenizer is unset
     engine: str = "deepspeed"  # deepspeed (ZeRO-3, any number of ranks) | plain (torch AdamW, one process)
     # Samples per optimiser step over all ranks; None = data.batch_size x world size (no accumulation).
@@ -279,7 +281,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.size": ("tiny", "base", "large"),
     "model.attention": ("auto", "flash_attn", "sdpa", "reference"),
     "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("auto", "bf16", "fp32"),
+    "train.precision": ("auto", "bf16", "bf16_weights", "fp32"),
     "train.engine": ("deepspeed", "plain"),
     "model.losses.itc_columns": ("momentum", "online"),
     "dist.backend": ("auto", "gloo", "nccl"),

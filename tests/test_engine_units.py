@@ -163,3 +163,103 @@ def test_schedule_lengths_are_steps_or_fractions_of_the_run(tmp_path):
     assert schedule_steps(base.train.warmup_steps, 300_000) == 6000
     with pytest.raises(ConfigError, match="warmup_steps"):
         make_config(tmp_path, "train.warmup_steps=2.5")
+
+
+def _tiny_bf16_weights(tmp_path, *overrides):
+    from knowlip.model.dims import preset
+    from knowlip.model.sar_knowlip import SarKnowLIP, SpecialTokens
+
+    cfg = make_config(tmp_path, "train.precision=bf16_weights", "train.grad_clip=0", "model.queue_size=16",
+                      *overrides)
+    torch.manual_seed(0)
+    model = SarKnowLIP(preset("tiny", image_size=32, queue_size=16, text_dropout=0.0, drop_path=0.0), 64,
+                       SpecialTokens(0, 2, 3, 4, 5, 6), attention_backend="reference")
+    return PlainEngine(model, cfg, torch.device("cpu"), bf16=True, bf16_weights=True), cfg
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(7, 64, (4, 12), generator=g)
+    ids[:, 0] = 2
+    return (torch.rand(4, 1, 32, 32, generator=g).bfloat16(), ids, torch.ones(4, 12, dtype=torch.long),
+            torch.rand(4, 12, generator=g) < 0.3)
+
+
+def test_bf16_weights_step_is_adamw_on_float32_masters(tmp_path):
+    """The optimiser updates float32 masters from the bf16 gradients, exactly as AdamW on float32 copies
+    (computed here independently); the bf16 weights are the masters rounded; the temperature master is clamped."""
+    engine, cfg = _tiny_bf16_weights(tmp_path)
+    model = engine.module
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    trained = [p for p in model.parameters() if p.requires_grad]
+    reference = {p: engine.masters[p].clone().requires_grad_(True) for p in trained}
+    with torch.no_grad():
+        engine.masters[model.temp].fill_(10.0)  # far outside [temp_min, temp_max]
+        reference[model.temp].fill_(10.0)
+    out = engine.forward(*_batch(), alpha=0.4)
+    engine.backward(out["loss"])
+    for p in trained:
+        reference[p].grad = p.grad.float()
+    names = {p: n for n, p in model.named_parameters()}
+    is_flat = lambda p: p.dim() < 2 or names[p].endswith(("pos_embed", "cls_token", "temp"))
+    decay = [reference[p] for p in trained if not is_flat(p)]
+    flat = [reference[p] for p in trained if is_flat(p)]
+    adam = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
+                              {"params": flat, "weight_decay": 0.0}], lr=cfg.train.lr, betas=(0.9, 0.98))
+    adam.step()
+    engine.step()
+    lo, hi = model.loss_cfg.temp_min, model.loss_cfg.temp_max
+    for p in trained:
+        expected = reference[p].detach()
+        if p is model.temp:
+            expected = expected.clamp(lo, hi)
+        assert torch.equal(engine.masters[p], expected), names[p]
+        assert torch.equal(p.detach(), expected.bfloat16()), names[p]
+        assert p.grad is None
+
+
+def test_bf16_weights_momentum_accumulates_in_float32(tmp_path):
+    """0.005 x a small weight change is below bf16's resolution: the EMA lives in float32 accumulators."""
+    engine, _ = _tiny_bf16_weights(tmp_path)
+    pairs = list(engine.module.momentum_pairs())
+    with torch.no_grad():
+        for p, _ in pairs:
+            engine.masters[p].add_(1e-3)  # the online masters moved a little
+    before = {pm: engine.ema32[pm].double() for _, pm in pairs}
+    engine.momentum_update()
+    for p, pm in pairs:
+        expected = 0.995 * before[pm] + 0.005 * engine.masters[p].double()
+        torch.testing.assert_close(engine.ema32[pm].double(), expected, rtol=1e-6, atol=1e-7)
+        assert torch.equal(pm.detach(), engine.ema32[pm].bfloat16())
+    assert any(not torch.equal(engine.ema32[pm], before[pm].float()) and torch.equal(pm.detach(), before[pm].bfloat16())
+               for _, pm in pairs)  # a change the bf16 weight alone would have lost
+
+
+def test_bf16_weights_checkpoint_restores_masters_momentum_and_optimizer(tmp_path):
+    engine, _ = _tiny_bf16_weights(tmp_path / "a")
+    for _ in range(2):
+        engine.momentum_update()
+        out = engine.forward(*_batch(), alpha=0.4)
+        engine.backward(out["loss"])
+        engine.step()
+    engine.save(tmp_path / "ckpt")
+    fresh, _ = _tiny_bf16_weights(tmp_path / "b", "seed=7")
+    with torch.no_grad():
+        for m in fresh.masters.values():
+            m.zero_()
+    fresh.load(tmp_path / "ckpt")
+    names = dict(fresh.module.named_parameters())
+    for name, p in engine.module.named_parameters():
+        q = names[name]
+        assert torch.equal(p, q), name
+        if p in engine.masters:
+            assert torch.equal(engine.masters[p], fresh.masters[q]), name
+        if p in engine.ema32:
+            assert torch.equal(engine.ema32[p], fresh.ema32[q]), name
+    a, b = engine.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
+    autocast_engine = PlainEngine(fresh.module, make_config(tmp_path / "c", "train.precision=bf16"),
+                                  torch.device("cpu"), bf16=True)
+    autocast_engine.save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="written without bf16 weights"):
+        fresh.load(tmp_path / "plain")

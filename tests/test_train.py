@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO, make_config
 from knowlip.train.trainer import Trainer
@@ -91,12 +92,23 @@ def test_data_that_cannot_feed_the_model_fails_at_start(synth_shards, tmp_path, 
         Trainer(make_config(tmp_path, f"data.shards={synth_shards}", override))
 
 
-def test_bf16_autocast_step_runs_on_cpu(synth_shards, tmp_path):
-    """The GPU's precision path (bf16 autocast, bf16 normalised images), exercised on the CPU."""
-    cfg = make_config(tmp_path, f"data.shards={synth_shards}", "data.batch_size=8", "data.max_text_len=64",
-                      "model.image_size=32", "model.queue_size=16", "train.steps=4", "train.precision=bf16",
-                      "norm.out_dtype=bfloat16", "train.tokenizer_vocab=300", "train.engine=plain")
-    trainer = Trainer(cfg)
+@pytest.mark.parametrize("precision", ["bf16", "bf16_weights"])
+def test_bf16_steps_run_on_cpu_and_resume(synth_shards, tmp_path, precision):
+    """The GPU's precision paths (bf16 autocast; bf16 weights with float32 masters), exercised on the CPU:
+    stopped at step 2, resumed to 4; the export holds float32 weights (bf16_weights: the masters)."""
+    from safetensors.torch import load_file
+
+    overrides = [f"data.shards={synth_shards}", "data.batch_size=8", "data.max_text_len=64", "model.image_size=32",
+                 "model.queue_size=16", "train.steps=4", f"train.precision={precision}", "norm.out_dtype=bfloat16",
+                 "train.tokenizer_vocab=300", "train.engine=plain", "train.progress=false"]
+    assert Trainer(make_config(tmp_path, *overrides)).train(until=2)["stopped"] == "stop_at"
+    trainer = Trainer(make_config(tmp_path, *overrides))
+    assert trainer.step == 2
     history = trainer.train()["history"]
-    assert len(history) == 4 and all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in history)
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in history)
     assert trainer.model.image_queue.dtype.is_floating_point and trainer.model.queue_ptr.item() == (4 * 8) % 16
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    if precision == "bf16_weights":
+        master = trainer.engine.masters[trainer.model.text_proj.weight]
+        assert torch.equal(weights["text_proj.weight"], master)  # not the bf16 weight rounded

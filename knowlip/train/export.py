@@ -36,7 +36,8 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
     else:
         from knowlip.train.engine import PLAIN_FILE
 
-        weights = torch.load(path / PLAIN_FILE, map_location="cpu", weights_only=False)["module"]
+        state = torch.load(path / PLAIN_FILE, map_location="cpu", weights_only=False)
+        weights = {**state["module"], **state.get("masters", {})}  # bf16 weights: their float32 masters
     weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     weights.update(torch.load(path / "momentum.pt", map_location="cpu"))
     weights.update(torch.load(path / "state.pt", map_location="cpu", weights_only=False)["buffers"])

@@ -139,7 +139,8 @@ class Trainer:
             init_process_group(renv, self.device, cfg.dist.backend, cfg.dist.timeout_s)
         self.rank, self.world_size, self.local_rank = renv.rank, renv.world_size, renv.local_rank
         self.stop = stop or StopRequest()
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        bf16 = cfg.train.precision in ("bf16", "bf16_weights") or (cfg.train.precision == "auto" and
+                                                                    self.device.type == "cuda")
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resume_from, universal = self._resume_plan()
