@@ -34,6 +34,9 @@ def knowlip(cwd: Path, *args: str, timeout: float = 600) -> subprocess.Completed
 
 
 def namespaces_refused() -> str | None:
+    missing = [tool for tool in ("ip", "nsenter", "unshare") if shutil.which(tool) is None]
+    if missing:
+        return f"{', '.join(missing)} not found: the two-host cluster needs iproute2 and util-linux"
     probe = subprocess.run(["ip", "netns", "add", "knowlip-probe"], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"network namespaces refused here: `ip netns add` said: {probe.stderr.strip()}"
