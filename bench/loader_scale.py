@@ -46,7 +46,7 @@ def proc_status_kib(field: str) -> int:
 def make_dataset(root: Path, samples: int, per_shard: int, batch: int, seed: int, block: int) -> None:
     """index.json + sparse shards + sample tables (real ones only where the measured batches read)."""
     from knowlip.data.loader import LazyOrder
-    from knowlip.data.shards import SAMPLE_TABLE, index_v1_body, table_name  # noqa: F401
+    from knowlip.data.shards import SAMPLE_TABLE, table_name
 
     root.mkdir(parents=True, exist_ok=True)
     shards = (samples + per_shard - 1) // per_shard

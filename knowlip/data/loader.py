@@ -361,7 +361,6 @@ class StreamingLoader:
             for msg in batch["skipped"]:
                 cause = msg.split(":", 1)[0]
                 self.stats.skipped_by_cause[cause] = self.stats.skipped_by_cause.get(cause, 0) + 1
-            for msg in batch["skipped"]:
                 log.warning("skipped sample %s", msg)
 
     # -- resumable state ---------------------------------------------------------------------------------

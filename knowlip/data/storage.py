@@ -34,11 +34,6 @@ def is_url(root: str | Path) -> bool:
     return "://" in str(root)
 
 
-def join(root: str | Path, name: str) -> str:
-    """`name` inside `root` (a folder or a URL), as a string."""
-    return f"{str(root).rstrip('/')}/{name}" if is_url(root) else str(Path(root) / name)
-
-
 @dataclass
 class StorageOptions:
     """How to reach an object store (the `storage` config section)."""
@@ -64,7 +59,6 @@ class StorageOptions:
 class StoreStats:
     requests: int = 0
     retries: int = 0
-    bytes: int = 0
 
 
 def coalesce(ranges: Sequence[Range], max_gap: int) -> tuple[list[Range], list[tuple[int, int]]]:
@@ -101,9 +95,6 @@ class LocalStore:
     def path(self, name: str) -> Path:
         return self.root / name
 
-    def exists(self, name: str) -> bool:
-        return (self.root / name).is_file()
-
     def read(self, name: str) -> bytes:
         try:
             return (self.root / name).read_bytes()
@@ -116,7 +107,6 @@ class LocalStore:
         for name, (offset, length) in requests:
             out.append(os.pread(self._open(name).fileno(), length, offset))
             self.stats.requests += 1
-            self.stats.bytes += length
         return out
 
     def _open(self, name: str):
@@ -256,13 +246,8 @@ class ObjectStore:
     def _wait(self, attempt: int) -> float:
         return min(10.0, self.opts.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
 
-    def exists(self, name: str) -> bool:
-        return bool(self._call(lambda: self.fs.exists(self._key(name)), self.url(name)))
-
     def read(self, name: str) -> bytes:
-        data = self._call(lambda: self.fs.cat_file(self._key(name)), self.url(name))
-        self.stats.bytes += len(data)
-        return data
+        return self._call(lambda: self.fs.cat_file(self._key(name)), self.url(name))
 
     def read_ranges(self, requests: Sequence[tuple[str, Range]]) -> list[bytes]:
         """Bytes of each (name, (offset, length)): ranges of one object within `coalesce_gap_bytes` of each
@@ -300,7 +285,6 @@ class ObjectStore:
                     failed.append(i)
                 else:
                     results[i] = data
-                    self.stats.bytes += len(data)
             if not failed:
                 return results  # type: ignore[return-value]
             self.stats.retries += len(failed)

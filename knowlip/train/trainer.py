@@ -235,7 +235,7 @@ class Trainer:
         device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"git_commit": commit, "world_size": self.world_size, "global_batch": self.global_batch,
                 "devices": f"{self.world_size} x {device}", "engine": self.cfg.train.engine,
-                "dataset": f"{self.index.root}: {self.index.total_samples} samples in {len(self.index.shards)} shards",
+                "dataset": f"{self.index.root}: {self.index.total_samples} samples in {self.index.num_shards} shards",
                 **{f"version.{p}": version(p) for p in ("knowlip", "torch", "deepspeed", "mlflow")}}
 
     def _finish_tracking(self, status: str) -> None:
