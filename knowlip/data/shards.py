@@ -106,6 +106,20 @@ class SampleTable:
         stop = int(self.offsets[i + 1]) if i + 1 < self.shard.samples else self.shard.end
         return start, stop - start
 
+    def checked(self, i: int, raw: bytes) -> dict[str, bytes] | ShardError:
+        """Sample i's members from its bytes (as read at sample_range(i)), checked against its checksums; a
+        damaged sample comes back as its ShardError (CorruptSample for a checksum mismatch)."""
+        try:
+            if len(raw) != self.sample_range(i)[1]:
+                raise ShardError(f"{self.shard.name}: truncated at sample {i}")
+            members = parse_members(raw)
+            self.verify(i, members)
+            return members
+        except ShardError as exc:
+            return exc
+        except (tarfile.TarError, ValueError, UnicodeDecodeError) as exc:
+            return ShardError(f"{self.shard.name} sample {i}: unreadable ({type(exc).__name__}: {exc})")
+
     def verify(self, i: int, members: dict[str, bytes]) -> None:
         """Raise CorruptSample, naming the shard, sample and member, when bytes differ from those packed."""
         if self.checksums is None:
@@ -184,21 +198,8 @@ class ShardIndex:
         (neighbouring samples coalesced on object storage). A damaged sample comes back as its ShardError
         (CorruptSample for a checksum mismatch); a storage failure raises StorageError."""
         tables = [self.table(s) for s, _ in wanted]
-        ranges = [t.sample_range(i) for t, (_, i) in zip(tables, wanted)]
-        raws = self.store.read_ranges([(t.shard.name, r) for t, r in zip(tables, ranges)])
-        out: list[dict[str, bytes] | ShardError] = []
-        for table, (_, i), (_, length), raw in zip(tables, wanted, ranges, raws):
-            try:
-                if len(raw) != length:
-                    raise ShardError(f"{table.shard.name}: truncated at sample {i}")
-                members = parse_members(raw)
-                table.verify(i, members)
-                out.append(members)
-            except ShardError as exc:
-                out.append(exc)
-            except (tarfile.TarError, ValueError, UnicodeDecodeError) as exc:
-                out.append(ShardError(f"{table.shard.name} sample {i}: unreadable ({type(exc).__name__}: {exc})"))
-        return out
+        raws = self.store.read_ranges([(t.shard.name, t.sample_range(i)) for t, (_, i) in zip(tables, wanted)])
+        return [t.checked(i, raw) for t, (_, i), raw in zip(tables, wanted, raws)]
 
 
 def load_index(root: str | Path, storage: StorageOptions | None = None, check_files: bool = True) -> ShardIndex:
