@@ -94,8 +94,9 @@ class LazyOrder:
             raise ValueError("LazyOrder supports contiguous slices only")
         positions = np.arange(start, stop, dtype=np.int64)
         out = np.empty(len(positions), dtype=np.int64)
-        for b in np.unique(positions // self.block):
-            mask = positions // self.block == b
+        blocks = positions // self.block
+        for b in np.unique(blocks):
+            mask = blocks == b
             lo = int(b) * self.block
             out[mask] = self._base(lo + self._block_perm(int(b))[positions[mask] - lo])
         return out
