@@ -158,7 +158,8 @@ class PlainEngine(_DistMixin):
     """One process, torch AdamW: the reference the ZeRO-3 engine is compared with. Precision: float32; bf16
     autocast (float32 weights, bf16 matmuls); or bf16 weights (`bf16_weights`: the model's weights and
     activations in bf16 as ZeRO-3's bf16 mode keeps them, float32 master weights in the optimiser and float32
-    momentum (EMA) accumulators; on an H100 this step took 0.301 s against autocast's 0.411 s, BENCHMARKS.md)."""
+    momentum (EMA) accumulators; on an H100, `base` at batch 128: 0.315 s a step against autocast's 0.387 s,
+    BENCHMARKS.md)."""
 
     name = "plain"
 
