@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +80,29 @@ def losses(run_dir: Path) -> dict[int, float]:
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)), f"metrics.jsonl steps repeat or go back: {steps}"
     return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="session")
+def local_run(tiny_train_base, tmp_path_factory) -> Path:
+    """The reference of the Slurm tests: `knowlip train` with 2 local ranks on this host, 16 steps."""
+    run = tmp_path_factory.mktemp("local") / "run"
+    proc = subprocess.run([sys.executable, "-m", "knowlip.cli", "train", f"run_dir={run}", "dist.nproc_per_node=2",
+                           *tiny_train_base, "train.steps=16"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run
+
+
+def wait_for_steps(run: Path, steps: int, timeout: float = 300) -> float:
+    """Until the run logged `steps` steps; returns the deadline, for what follows."""
+    deadline = time.monotonic() + timeout
+    metrics = run / "metrics.jsonl"
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < steps:
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.1)
+    return deadline
+
+
+def job_id_of(proc: subprocess.CompletedProcess) -> str:
+    """The job id `knowlip submit` printed (failing with its output when it failed)."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout.split("submitted job ")[1].split()[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, losses
+from conftest import REPO, job_id_of, losses, wait_for_steps
 from knowlip.launch import slurm
 
 CLI = [sys.executable, "-m", "knowlip.cli"]
@@ -88,31 +88,6 @@ def cluster():
 
 def knowlip(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(CLI + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for_steps(run: Path, steps: int, timeout: float = 300) -> float:
-    """Until the run logged `steps` steps; returns the deadline, for what follows."""
-    deadline = time.monotonic() + timeout
-    metrics = run / "metrics.jsonl"
-    while not metrics.is_file() or len(metrics.read_text().splitlines()) < steps:
-        assert time.monotonic() < deadline, "the job did not start training"
-        time.sleep(0.1)
-    return deadline
-
-
-def job_id_of(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout.split("submitted job ")[1].split()[0]
-
-
-@pytest.fixture(scope="module")
-def local_run(tiny_train_base, tmp_path_factory) -> Path:
-    """The reference: `knowlip train` with 2 local ranks, 16 steps."""
-    run = tmp_path_factory.mktemp("local") / "run"
-    proc = subprocess.run(CLI + ["train", f"run_dir={run}", "dist.nproc_per_node=2", *tiny_train_base,
-                                 "train.steps=16"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run
 
 
 @pytest.mark.integration

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, losses
+from conftest import REPO, job_id_of, losses, wait_for_steps
 
 NS1 = "/var/run/netns/knowlip-node1"
 HAVE_SLURM = all(shutil.which(t) or Path("/usr/sbin", t).exists() for t in ("slurmctld", "slurmd", "slurmdbd",
@@ -70,21 +70,6 @@ def two_hosts(tiny_train_base):
         assert not Path(NS1).exists() and "knowlip-local2" not in Path("/etc/hosts").read_text(), down.stdout
 
 
-@pytest.fixture(scope="module")
-def one_host_run(tiny_train_base, tmp_path_factory) -> Path:
-    """The reference: `knowlip train` with 2 local ranks on one host, 16 steps."""
-    run = tmp_path_factory.mktemp("one_host") / "run"
-    proc = subprocess.run([sys.executable, "-m", "knowlip.cli", "train", f"run_dir={run}", "dist.nproc_per_node=2",
-                           *tiny_train_base, "train.steps=16"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run
-
-
-def job_id_of(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout.split("submitted job ")[1].split()[0]
-
-
 def states(job: str) -> list[str]:
     out = in_node1("sacct", "-j", job, "-D", "-X", "-n", "-P", "-o", "State", timeout=60).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
@@ -100,14 +85,6 @@ def wait_finished(job: str, timeout: float = 300) -> list[str]:
         time.sleep(0.5)
 
 
-def wait_for_steps(run: Path, steps: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    metrics = run / "metrics.jsonl"
-    while not metrics.is_file() or len(metrics.read_text().splitlines()) < steps:
-        assert time.monotonic() < deadline, "the job did not start training"
-        time.sleep(0.1)
-
-
 def rank_hosts(log_dir: Path, job: str) -> list[str]:
     """Each rank's host name, as submitit's log of that task states it."""
     hosts = []
@@ -117,14 +94,14 @@ def rank_hosts(log_dir: Path, job: str) -> list[str]:
     return hosts
 
 
-def test_two_host_job_trains_like_two_ranks_on_one_host(two_hosts, one_host_run, tiny_train_base, tmp_path):
+def test_two_host_job_trains_like_two_ranks_on_one_host(two_hosts, local_run, tiny_train_base, tmp_path):
     run = tmp_path / "run"
     proc = knowlip(tmp_path, "submit", "--cluster", "local2", "--wait", *two_hosts, f"run_dir={run}",
                    *tiny_train_base, "train.steps=16", "mlflow.enabled=true", "mlflow.system_interval_s=1")
     job = job_id_of(proc)
     assert f"job {job} finished" in proc.stdout, proc.stdout[-2000:]
     assert rank_hosts(tmp_path / "runs" / "slurm", job) == ["node1", "node2"]  # one rank on each host
-    assert losses(run) == losses(one_host_run)  # gloo across the veth: the one-host numbers, bit for bit
+    assert losses(run) == losses(local_run)  # gloo across the veth: the one-host numbers, bit for bit
     from mlflow.tracking import MlflowClient
 
     run_id = json.loads((run / "mlflow.json").read_text())["run_id"]
@@ -133,17 +110,17 @@ def test_two_host_job_trains_like_two_ranks_on_one_host(two_hosts, one_host_run,
         sorted(keys)[:20]
 
 
-def test_usr2_requeues_and_resumes_across_both_hosts(two_hosts, one_host_run, tiny_train_base, tmp_path):
+def test_usr2_requeues_and_resumes_across_both_hosts(two_hosts, local_run, tiny_train_base, tmp_path):
     run = tmp_path / "run"
     job = job_id_of(knowlip(tmp_path, "submit", "--cluster", "local2", *two_hosts, f"run_dir={run}",
                             *tiny_train_base, "train.steps=16"))
     wait_for_steps(run, 3)
     assert in_node1("scancel", "--signal=USR2", job, timeout=60).returncode == 0
     assert wait_finished(job) == ["REQUEUED", "COMPLETED"]
-    assert losses(run) == losses(one_host_run)  # saved on two hosts, requeued, resumed: the same numbers
+    assert losses(run) == losses(local_run)  # saved on two hosts, requeued, resumed: the same numbers
 
 
-def test_a_checkpoint_written_by_two_hosts_resumes_on_one(two_hosts, one_host_run, tiny_train_base, tmp_path):
+def test_a_checkpoint_written_by_two_hosts_resumes_on_one(two_hosts, local_run, tiny_train_base, tmp_path):
     run = tmp_path / "run"
     proc = knowlip(tmp_path, "submit", "--cluster", "local2", "--wait", *two_hosts, f"run_dir={run}",
                    *tiny_train_base, "train.steps=16", "train.stop_at=8")
@@ -152,7 +129,7 @@ def test_a_checkpoint_written_by_two_hosts_resumes_on_one(two_hosts, one_host_ru
     local = subprocess.run([sys.executable, "-m", "knowlip.cli", "train", f"run_dir={run}", "dist.nproc_per_node=2",
                             *tiny_train_base, "train.steps=16"], capture_output=True, text=True, timeout=600)
     assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-2000:]
-    assert losses(run) == losses(one_host_run)
+    assert losses(run) == losses(local_run)
 
 
 def task_pid(job: str, rank: int) -> int | None:
@@ -172,7 +149,7 @@ def task_pid(job: str, rank: int) -> int | None:
 
 
 def test_a_host_dying_mid_run_ends_the_job_and_the_next_run_resumes_from_the_last_checkpoint(
-        two_hosts, one_host_run, tiny_train_base, tmp_path):
+        two_hosts, local_run, tiny_train_base, tmp_path):
     run = tmp_path / "run"
     slow = ["cluster.environment.KNOWLIP_FAULT_SLOW_STEPS=1-16", "ckpt.every=4"]  # 0.5 s steps: time to kill
     job = job_id_of(knowlip(tmp_path, "submit", "--cluster", "local2", *two_hosts, *slow, f"run_dir={run}",
@@ -191,4 +168,4 @@ def test_a_host_dying_mid_run_ends_the_job_and_the_next_run_resumes_from_the_las
     resumed = [line for p in (tmp_path / "runs" / "slurm").glob("**/*_0_log.err") for line in p.read_text().splitlines()
                if "resumed from" in line and f"step_{died_at // 4 * 4:08d}" in line]
     assert resumed, "the second run did not resume from the last complete checkpoint"
-    assert losses(run) == losses(one_host_run)  # the steps since that checkpoint were redone, the same numbers
+    assert losses(run) == losses(local_run)  # the steps since that checkpoint were redone, the same numbers
