@@ -14,6 +14,10 @@
 #                                               # the 224 px step at batch 128: plain, plain with bf16 weights,
 #                                               # ZeRO-3, ZeRO-3 with whole blocks persistent, and also with
 #                                               # torch's linear instead of DeepSpeed's; each profiled
+#   GPU_CHECK_PLAN=step bash bench/gpu_check.sh # the step only (the kernel checks and timing skipped): plain with
+#                                               # bf16 weights, ZeRO-3 and ZeRO-2 at batch 128 on the same card,
+#                                               # then bf16 weights and ZeRO-2 at their largest batch, then bf16
+#                                               # weights compiled; each profiled
 #
 # The device machines lack deepspeed, omegaconf and their needs: put their wheels in .whl/ (see BENCHMARKS.md)
 # and they are installed into /tmp/site first. The real scenes travel as bench/sentinel1_db.npy
@@ -42,10 +46,12 @@ fi
 left() { echo $((TOTAL_S - ($(date +%s) - START))); }
 status=0
 
-echo "== 1. SAR kernel"
-timeout 200 "$PY" bench/kernels.py --out "$OUT/kernels.jsonl" $([ "$PLAN" = tune ] && [ -z "${GPU_CHECK_CASES:-}" ] && echo --tune) \
-  >"$OUT/kernels.log" 2>&1 || status=1
-tail -n 12 "$OUT/kernels.log"
+if [ "$PLAN" != step ]; then
+  echo "== 1. SAR kernel"
+  timeout 200 "$PY" bench/kernels.py --out "$OUT/kernels.jsonl" $([ "$PLAN" = tune ] && [ -z "${GPU_CHECK_CASES:-}" ] && echo --tune) \
+    >"$OUT/kernels.log" 2>&1 || status=1
+  tail -n 12 "$OUT/kernels.log"
+fi
 
 if [ "$PLAN" = full ]; then
   echo "== 2. attention backends"
@@ -64,8 +70,16 @@ else
     "zero3|--batches 224:128 --groups deepspeed/224/eager"
     "zero3_persistent|--batches 224:128 --groups deepspeed/224/eager --override deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7"
     "zero3_persistent_torch_linear|--batches 224:128 --groups deepspeed/224/eager --override deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7 --override deepspeed.zero_optimization.memory_efficient_linear=false"
+    "zero2|--batches 224:128 --groups deepspeed/224/eager --override train.zero_stage=2"
+    "zero2_search|--groups deepspeed/224/eager --override train.zero_stage=2"
+    "plain_bf16_weights_compile|--batches 224:128 --groups plain/224/compile --override train.precision=bf16_weights"
   )
-  wanted=${GPU_CHECK_CASES:-plain plain_bf16_weights zero3 zero3_persistent zero3_persistent_torch_linear}
+  if [ "$PLAN" = step ]; then
+    default_cases="plain_bf16_weights zero3 zero2 plain_bf16_weights_search zero2_search plain_bf16_weights_compile"
+  else
+    default_cases="plain plain_bf16_weights zero3 zero3_persistent zero3_persistent_torch_linear"
+  fi
+  wanted=${GPU_CHECK_CASES:-$default_cases}
   for case in "${cases[@]}"; do
     name=${case%%|*}
     [[ " $wanted " == *" $name "* ]] || continue

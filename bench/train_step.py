@@ -1,12 +1,12 @@
 """One training step through the engine: samples/s, TFLOP/s, MFU, and where the step's time goes.
 
-    .venv/bin/python bench/train_step.py                  # CPU: tiny, ZeRO-3 (1 rank) vs the plain engine
+    .venv/bin/python bench/train_step.py                  # CPU: tiny, ZeRO-3 and ZeRO-2 (1 rank) vs plain
     python bench/train_step.py --gpu --out FILE           # GPU: base, bf16, the grid below
 
 GPU grid (one child process per group, so an out-of-memory or a compiler failure costs one group only, and a
 deadline that skips what no longer fits): `base` at 224 px and 512 px, plain step and DeepSpeed ZeRO-3 (one
 rank), activation checkpointing off and on, eager and torch.compile (each transformer block, as
-train.compile does), at the largest batch that fits (the plain eager step searches upward until it runs out
+train.compile does), at the largest batch that fits (the first eager group of an image size searches upward until
 of memory; the other cases reuse its batches). MFU is reported against the card's spec bf16 peak and against
 its measured ceiling (an 8192^3 bf16 matmul in the same run); peak memory from the caching allocator. The
 plain 224 px group also writes a torch.profiler table of the top CUDA kernels (--profile-out).
@@ -16,7 +16,8 @@ length, so the padded attention path runs). Each case runs warm-up steps, then t
 reports the median. `optimizer_share` is the share of step time in the engine's
 optimiser step (ZeRO-3: gradient partition bookkeeping, AdamW, re-partitioning); `zero_gather_share` the share
 spent in ZeRO-3's parameter fetches (PartitionedParameterCoordinator.fetch_sub_module: all-gathers and their
-waits). Prints one JSON line per case.
+waits); `python_calls_per_step` the Python function calls of one step under cProfile (the host work that
+left an H100 idle under ZeRO-3). Prints one JSON line per case.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import gc
 import json
 import os
 import platform
+import pstats
 import subprocess
 import sys
 import time
@@ -149,9 +151,10 @@ def throughput(dims, vocab, image_size, text_len, batch, median, peak, ceiling=N
 
 
 def run_case(engine_name: str, size: str, image_size: int, batch: int, text_len: int, steps: int,
-             device: torch.device, bf16: bool) -> dict:
+             device: torch.device, bf16: bool, zero_stage: int = 3) -> dict:
     """CPU mode: one engine at one batch, with the shares of optimiser and ZeRO-3 gather time."""
-    engine, dims, vocab = build(engine_name, size, image_size, batch, text_len, device, bf16)
+    engine, dims, vocab = build(engine_name, size, image_size, batch, text_len, device, bf16,
+                                overrides=(f"train.zero_stage={zero_stage}",))
     gathers = _gather_timer(device) if engine_name == "deepspeed" else _Timer(device)
     optimizer = _Timer(device)
     inputs = random_batch(batch, image_size, text_len, vocab, device, torch.bfloat16 if bf16 else torch.float32,
@@ -160,12 +163,14 @@ def run_case(engine_name: str, size: str, image_size: int, batch: int, text_len:
     gathers.total = optimizer.total = 0.0
     times = timed_steps(engine, inputs, steps, 0, device, optimizer.wrap(engine.step))
     median = sorted(times)[len(times) // 2]
+    calls = pstats.Stats(profiled_step(engine, inputs, device)).total_calls
     return {"bench": "train_step", "engine": engine_name, "preset": size, "image_size": image_size,
+            "zero_stage": zero_stage if engine_name == "deepspeed" else None,
             "batch_size": batch, "text_len": text_len, "precision": "bf16" if bf16 else "fp32",
             **throughput(dims, vocab, image_size, text_len, batch, median, peak_flops(device)),
             "optimizer_share": round(optimizer.total / sum(times), 3),
             "zero_gather_share": round(gathers.total / sum(times), 3) if engine_name == "deepspeed" else None,
-            "device": device_name(device), "torch": torch.__version__}
+            "python_calls_per_step": calls, "device": device_name(device), "torch": torch.__version__}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,9 +214,7 @@ def profile_top_kernels(engine, inputs, device, path: Path, rows: int = 25) -> d
     """torch.profiler over 2 steps: the top ops by CUDA time and by host time, as text tables; then one step
     under cProfile (path + '.py.txt'): the Python functions by own time, which is where host overhead such as
     ZeRO-3's module hooks shows. Returns the wall and CUDA-kernel seconds of the profiled steps."""
-    import cProfile
     import io
-    import pstats
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -224,15 +227,23 @@ def profile_top_kernels(engine, inputs, device, path: Path, rows: int = 25) -> d
     tables = [averages.table(sort_by=key, row_limit=rows, max_name_column_width=90)
               for key in ("cuda_time_total", "self_cpu_time_total")]
     path.write_text("\n\n".join(tables))
+    text = io.StringIO()
+    stats = pstats.Stats(profiled_step(engine, inputs, device), stream=text)
+    stats.sort_stats("tottime").print_stats(40)
+    Path(str(path) + ".py.txt").write_text(text.getvalue())
+    return {"profiled_steps": 2, "wall_s": round(wall, 3), "cuda_kernels_s": round(kernels_s, 3),
+            "gpu_busy_share": round(kernels_s / wall, 3), "python_calls_per_step": stats.total_calls}
+
+
+def profiled_step(engine, inputs, device):
+    """One step under cProfile: the host's Python work (ZeRO-3's module hooks show there, GPU or not)."""
+    import cProfile
+
     py = cProfile.Profile()
     py.enable()
     timed_steps(engine, inputs, 1, 0, device)
     py.disable()
-    text = io.StringIO()
-    pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(40)
-    Path(str(path) + ".py.txt").write_text(text.getvalue())
-    return {"profiled_steps": 2, "wall_s": round(wall, 3), "cuda_kernels_s": round(kernels_s, 3),
-            "gpu_busy_share": round(kernels_s / wall, 3)}
+    return py
 
 
 def gpu_group(spec: dict) -> None:
@@ -327,14 +338,14 @@ def gpu_driver(args) -> int:
         if left < 45:
             emit({"bench": "train_step", "group": label, "skipped": f"{left:.0f} s left of --budget-s"})
             continue
-        search = engine_name == "plain" and not compiled and image not in batches
+        search = not compiled and image not in batches  # the first eager group of a size, unless --batches
         spec = {"ac": args.ac, "overrides": args.override, "engine": engine_name, "image_size": image, "text_len": args.text_len, "compile": compiled,
                 "device": device.type, "preset": size, "candidates": candidates[image],
                 "steps": args.steps, "ceiling": ceiling, "search": search, "batches": batches.get(image),
                 "profile_out": str(args.profile_out) if args.profile_out and image == 224 and not profiled else None}
         profiled = profiled or bool(spec["profile_out"])
         if not search and not batches.get(image):
-            emit({"bench": "train_step", "group": label, "skipped": "the plain eager search found no batch"})
+            emit({"bench": "train_step", "group": label, "skipped": "the eager search found no batch"})
             continue
         try:
             proc = subprocess.run([sys.executable, __file__, "--group", json.dumps(spec)], capture_output=True,
@@ -404,12 +415,12 @@ def main() -> int:
     device = torch.device("cpu")
     init_process_group(RankEnv(0, 1, 0, 1, "127.0.0.1", free_port()), device, "auto", 600)
     results = []
-    for engine_name in ("plain", "deepspeed"):
-        results.append(run_case(engine_name, "tiny", 64, 16, 128, args.steps, device, bf16=False))
+    for engine_name, stage in (("plain", 3), ("deepspeed", 3), ("deepspeed", 2)):
+        results.append(run_case(engine_name, "tiny", 64, 16, 128, args.steps, device, bf16=False, zero_stage=stage))
         emit(results[-1])
-    plain, zero = results
-    emit({"bench": "zero3_overhead", "preset": "tiny",
-          "step_time_ratio": round(zero["median_step_s"] / plain["median_step_s"], 2)})
+    plain, zero3, zero2 = (r["median_step_s"] for r in results)
+    emit({"bench": "zero_overhead", "preset": "tiny", "zero3_vs_plain": round(zero3 / plain, 2),
+          "zero2_vs_plain": round(zero2 / plain, 2)})
     return 0
 
 

@@ -179,7 +179,10 @@ class TrainConfig:
     # (float32 weights); bf16_weights keeps the weights in bf16 with float32 masters (faster; ZeRO-3's bf16 is this).
     precision: str = "auto"
     tokenizer_vocab: int = 2048  # WordPiece vocabulary trained on the captions when model.tokenizer is unset
-    engine: str = "deepspeed"  # deepspeed (ZeRO-3, any number of ranks) | plain (torch AdamW, one process)
+    engine: str = "deepspeed"  # deepspeed (DeepSpeed ZeRO, any number of ranks) | plain (torch AdamW, one process)
+    # The deepspeed engine's ZeRO stage: 3 partitions the weights too (the largest models fit; a gather around
+    # every module call); 1 and 2 keep the weights whole on every rank (faster where they fit, BENCHMARKS.md).
+    zero_stage: int = 3
     # Samples per optimiser step over all ranks; None = data.batch_size x world size (no accumulation).
     # Must be a multiple of data.batch_size x world size: the quotient is the gradient-accumulation count.
     global_batch_size: Optional[int] = None
@@ -402,6 +405,7 @@ RANGES: dict[str, tuple] = {
     "train.log_every": AT_LEAST_1,
     "train.grad_clip": OFF_OR_POSITIVE,
     "train.max_nonfinite_in_a_row": AT_LEAST_1,
+    "train.zero_stage": (lambda v: v in (1, 2, 3), "1, 2 or 3"),
     "dist.nproc_per_node": (lambda v: v == "auto" or (v.isdigit() and int(v) >= 1), "'auto' or a positive integer"),
     "dist.timeout_s": (lambda v: v >= 10, "at least 10"),
     "ckpt.every": OFF_OR_POSITIVE,

@@ -19,6 +19,9 @@ def main(out: str, overrides: list[str]) -> None:
     trainer = Trainer(load_config(None, overrides), rank_env())
     engine, model = trainer.engine, trainer.model
     params, moments = {}, {}
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO-1/2 link their moments to the parameters at the first step; no step ran yet
+        link()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -36,8 +36,11 @@ def test_train_step_bench_runs_both_engines_on_cpu():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [r.get("engine") for r in rows[:2]] == ["plain", "deepspeed"]
-    assert rows[1]["zero_gather_share"] > 0 and rows[2]["step_time_ratio"] > 0
+    assert [(r.get("engine"), r.get("zero_stage")) for r in rows[:3]] == [("plain", None), ("deepspeed", 3),
+                                                                         ("deepspeed", 2)]
+    assert rows[1]["zero_gather_share"] > 0 and rows[2]["zero_gather_share"] == 0  # stage 2 fetches no weights
+    assert rows[2]["python_calls_per_step"] < rows[1]["python_calls_per_step"]  # nor runs hooks per module call
+    assert rows[3]["zero3_vs_plain"] > 0 and rows[3]["zero2_vs_plain"] > 0
 
 
 @pytest.mark.integration

@@ -56,14 +56,22 @@ def test_deepspeed_config_sets_clipping_explicitly_and_derives_batch_sizes(tmp_p
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     clipped = make_config(tmp_path, "train.grad_clip=0.7")
     assert deepspeed_config(clipped, 1, 1, False, False)["gradient_clipping"] == 0.7
+    stage2 = make_config(tmp_path, "train.zero_stage=2", "deepspeed.zero_optimization.stage=2")
+    assert deepspeed_config(stage2, 1, 1, False, False)["zero_optimization"] == {"stage": 2}
 
 
 @pytest.mark.parametrize("override,match", [("deepspeed.gradient_clipping=1.0", "set by knowlip"),
                                             ("deepspeed.train_batch_size=64", "set by knowlip"),
-                                            ("deepspeed.zero_optimization.stage=2", "stage 3")])
+                                            ("deepspeed.zero_optimization.stage=2",
+                                             "stage=2 contradicts train.zero_stage=3")])
 def test_deepspeed_section_cannot_contradict_knowlip(tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         deepspeed_config(make_config(tmp_path, override), 1, 1, False, False)
+
+
+def test_zero_stage_is_1_2_or_3(tmp_path):
+    with pytest.raises(ConfigError, match="'train.zero_stage': 4 must be 1, 2 or 3"):
+        make_config(tmp_path, "train.zero_stage=4")
 
 
 def test_global_batch_must_split_over_the_ranks(tmp_path):

@@ -3,8 +3,8 @@
     <run_dir>/checkpoints/
       latest                      name of the newest complete checkpoint (written last, atomically)
       step_00000120/              one complete checkpoint
-        meta.json                 step, time, world size, engine, config hash, files and bytes; "complete": true
-        engine/                   the engine's own files (DeepSpeed: every rank's ZeRO-3 partitions)
+        meta.json                 step, time, world size, engine, ZeRO stage, config hash, bytes; "complete": true
+        engine/                   the engine's own files (DeepSpeed: every rank's ZeRO partitions)
         state.pt                  global state: step, loader cursor, queues, queue pointer, counters, config,
                                   and room for the MLflow run id and SCIO state
         momentum.pt               the momentum (EMA) weights, full and fp32 (a universal checkpoint drops them)
@@ -186,13 +186,15 @@ def convert_to_universal(ckpt: Path, log=print) -> Path:
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / "engine"),
-           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]  # stages 1-2 want a Megatron-style version tag our saves do not carry
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     if proc.returncode != 0:
         shutil.rmtree(out, ignore_errors=True)
         raise RuntimeError(f"{ckpt}: conversion to a universal checkpoint failed:\n{proc.stdout[-2000:]}"
                            f"{proc.stderr[-2000:]}")
-    params = sorted(p.name for p in (out / "zero").iterdir() if p.is_dir())
+    # Stages 1-2 also write the frozen weights and buffers there (no moments): count what the optimiser trains.
+    params = sorted(p.name for p in (out / "zero").iterdir() if (p / "exp_avg.pt").is_file())
     done.write_text(json.dumps({"from_world_size": meta["world_size"], "parameters": params}))
     log(f"converted {ckpt.name} (world size {meta['world_size']}) to a universal checkpoint: {len(params)} "
         f"parameter tensors with their optimizer moments and the step; momentum weights, queues, loader and "

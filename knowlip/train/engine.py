@@ -1,4 +1,5 @@
-"""The training engine: DeepSpeed ZeRO-3 across ranks (`ZeroEngine`), or plain torch in one process
+"""The training engine: DeepSpeed ZeRO across ranks (`ZeroEngine`; stage 3 by default, 1 or 2 by
+train.zero_stage), or plain torch in one process
 (`PlainEngine`, for debugging and as the baseline of bench/train_step.py). Both expose the same small API:
 
     forward(...) / backward(loss) / step() -> grad norm / skip_step() / set_lr(lr) / momentum_update()
@@ -55,15 +56,16 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def check_deepspeed_section(section: dict) -> None:
+def check_deepspeed_section(section: dict, zero_stage: int) -> None:
     """The `deepspeed:` pass-through may add to what knowlip sets, not contradict it (checked before launch)."""
     for key in OWNED_KEYS:
         if key in section:
             raise ConfigError(f"deepspeed.{key} is set by knowlip (data.batch_size, train.global_batch_size, "
                               "train.grad_clip, train.lr): remove it from the deepspeed section")
-    stage = section.get("zero_optimization", {}).get("stage", 3)
-    if stage != 3:
-        raise ConfigError(f"deepspeed.zero_optimization.stage={stage}: the engine is ZeRO-3 (stage 3)")
+    stage = section.get("zero_optimization", {}).get("stage", zero_stage)
+    if stage != zero_stage:
+        raise ConfigError(f"deepspeed.zero_optimization.stage={stage} contradicts train.zero_stage={zero_stage}: "
+                          "choose the stage with train.zero_stage")
 
 
 def deepspeed_config(cfg, world_size: int, accumulation: int, bf16: bool, universal: bool) -> dict:
@@ -71,13 +73,14 @@ def deepspeed_config(cfg, world_size: int, accumulation: int, bf16: bool, univer
     from omegaconf import OmegaConf
 
     user = OmegaConf.to_container(cfg.deepspeed, resolve=True) if len(cfg.deepspeed) else {}
-    check_deepspeed_section(user)
+    stage = cfg.train.zero_stage
+    check_deepspeed_section(user, stage)
     ours = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": cfg.data.batch_size * accumulation * world_size,
         "gradient_clipping": float(cfg.train.grad_clip),  # explicit: DeepSpeed's default is 1.0, not off
-        "zero_optimization": {"stage": 3},
+        "zero_optimization": {"stage": stage},
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
@@ -276,7 +279,11 @@ def _momentum_named(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 class ZeroEngine(_DistMixin):
-    """DeepSpeed ZeRO-3 over the initialised process group."""
+    """DeepSpeed ZeRO over the initialised process group, at stage train.zero_stage. Stage 3 partitions the
+    weights (each rank holds a slice; DeepSpeed gathers a module's weights around every call of it); stages 1
+    and 2 keep the weights whole on every rank and partition the optimiser state (2: the gradients too), so a
+    module call costs no gather and no hook (an H100 spent most of a ZeRO-3 step of `base` in that host work,
+    BENCHMARKS.md)."""
 
     name = "deepspeed"
 
@@ -285,6 +292,7 @@ class ZeroEngine(_DistMixin):
         import deepspeed
 
         self.device, self.cfg, self.accumulation = device, cfg, accumulation
+        self.stage = cfg.train.zero_stage
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                       betas=OPTIMIZER_BETAS)
@@ -321,16 +329,21 @@ class ZeroEngine(_DistMixin):
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
+    def _whole(self, p) -> bool:
+        """Whether this rank holds p whole: always below stage 3; at stage 3 only the small parameters ZeRO-3
+        keeps persistent (stage3_param_persistence_threshold)."""
+        return self.stage < 3 or _is_persistent(p)
+
     def _clamp_temperature_master(self) -> None:
-        """The model clamps its temperature in place in forward, as BLIP does; under ZeRO-3 that reaches only the
+        """The model clamps its temperature in place in forward, as BLIP does; under ZeRO that reaches only the
         working copy, so the optimiser's fp32 master is clamped here too (else it would drift past the bound and
-        take as many steps to come back). The check reads the full copy ZeRO-3 keeps of this one-element (so
-        persistent) parameter, the same on every rank: no collective unless the parameter was partitioned. In
+        take as many steps to come back). The check reads the working copy, whole and the same on every rank
+        (the parameter has one element: persistent at stage 3): no collective unless it was partitioned. In
         bf16 that copy is the master rounded, so the master may pass the bound by half a bf16 step at most."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
         temp, cfg = self.module.temp, self.module.loss_cfg
-        value = temp.data.float() if _is_persistent(temp) else safe_get_full_fp32_param(temp)
+        value = temp.data.float() if self._whole(temp) else safe_get_full_fp32_param(temp)
         clamped = value.clamp(cfg.temp_min, cfg.temp_max)
         if not torch.equal(value, clamped):
             safe_set_full_fp32_param(temp, clamped)  # every rank writes its own slice of the master
@@ -340,22 +353,27 @@ class ZeroEngine(_DistMixin):
         self.optimizer.zero_grad()
         self._micro = 0
 
-    # -- momentum encoders under ZeRO-3 -----------------------------------------------------------------
+    # -- momentum encoders ---------------------------------------------------------------------------------
 
     def _build_ema_state(self) -> None:
-        """fp32 accumulators of the momentum partitions (and of the full copy of persistent parameters)."""
+        """fp32 accumulators of the momentum weights this rank holds: at stage 3 its partitions (and the full
+        copy of persistent parameters), below stage 3 the whole weights. None where the weights are fp32."""
         self._ema = []
         for p, pm in self.module.momentum_pairs():
-            exact = pm.ds_tensor.dtype == torch.float32
-            part32 = None if exact else pm.ds_tensor.detach().float().clone()
-            full32 = None if exact or not _is_persistent(pm) else pm.data.detach().float().clone()
+            exact = pm.dtype == torch.float32 if self.stage < 3 else pm.ds_tensor.dtype == torch.float32
+            part32 = None if exact or self.stage < 3 else pm.ds_tensor.detach().float().clone()
+            full32 = None if exact or not self._whole(pm) else pm.data.detach().float().clone()
             self._ema.append((p, pm, part32, full32))
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """pm <- m pm + (1 - m) p on this rank's partitions (no communication); also the full copy that ZeRO-3
-        keeps of persistent (small) parameters, which forward reads instead of the partition."""
+        """pm <- m pm + (1 - m) p on what this rank holds (no communication): at stage 3 the partitions and the
+        full copy that ZeRO-3 keeps of persistent (small) parameters, which forward reads instead of the
+        partition; below stage 3 the whole weights, as multi-tensor ops."""
         m = self.module.loss_cfg.momentum
+        if self.stage < 3:
+            self._update_whole_weights(m)
+            return
         for p, pm, part32, full32 in self._ema:
             if part32 is None:
                 pm.ds_tensor.mul_(m).add_(p.ds_tensor, alpha=1 - m)
@@ -369,11 +387,25 @@ class ZeroEngine(_DistMixin):
                     full32.mul_(m).add_(p.data.float(), alpha=1 - m)
                     pm.data.copy_(full32)
 
+    def _update_whole_weights(self, m: float) -> None:
+        online = [p.detach().float() for p, *_ in self._ema]
+        moving = [pm for _, pm, _, _ in self._ema]
+        accumulators = [pm if full32 is None else full32 for _, pm, _, full32 in self._ema]
+        torch._foreach_mul_(accumulators, m)
+        torch._foreach_add_(accumulators, online, alpha=1 - m)
+        if self._ema[0][3] is not None:  # bf16 weights: round the fp32 accumulators into them
+            torch._foreach_copy_(moving, accumulators)
+
     def momentum_state(self) -> dict[str, torch.Tensor]:
-        """The full fp32 momentum weights, gathered from every rank's partition (a collective; rank 0 keeps
-        them, other ranks get {})."""
-        out = {}
+        """The full fp32 momentum weights on rank 0 (other ranks get {}); at stage 3 gathered from every rank's
+        partition (a collective)."""
         names = {id(pm): n for n, pm in _momentum_named(self.module)}
+        if self.stage < 3:
+            if self.rank != 0:
+                return {}
+            return {names[id(pm)]: (pm.data if full32 is None else full32).detach().float().cpu().clone()
+                    for _, pm, _, full32 in self._ema}
+        out = {}
         for p, pm, part32, _ in self._ema:
             part = (pm.ds_tensor if part32 is None else part32).detach().float()
             parts = [torch.empty_like(part) for _ in range(self.world_size)]
@@ -384,22 +416,27 @@ class ZeroEngine(_DistMixin):
 
     @torch.no_grad()
     def load_momentum_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Every rank writes its own slice of the full weights (read from the shared checkpoint folder)."""
+        """Every rank writes what it holds of the full weights (read from the shared checkpoint folder)."""
         names = {id(pm): n for n, pm in _momentum_named(self.module)}
         self._build_ema_state()
         for p, pm, part32, full32 in self._ema:
-            full = state[names[id(pm)]].float().reshape(-1)
-            size = pm.ds_tensor.numel()
-            chunk = torch.zeros(size, dtype=torch.float32)
-            piece = full[self.rank * size : (self.rank + 1) * size]
-            chunk[: piece.numel()] = piece
-            pm.ds_tensor.copy_(chunk.to(pm.ds_tensor.device))
-            if part32 is not None:
-                part32.copy_(chunk.to(part32.device))
-            if _is_persistent(pm):
-                pm.data.copy_(full.view(pm.ds_shape).to(pm.data.device, pm.data.dtype))
+            full = state[names[id(pm)]].float()
+            if self.stage == 3:
+                self._load_partition(pm, part32, full.reshape(-1))
+            if self._whole(pm):
+                pm.data.copy_(full.view(pm.data.shape if self.stage < 3 else pm.ds_shape).to(pm.data.device,
+                                                                                             pm.data.dtype))
                 if full32 is not None:
-                    full32.copy_(full.view(pm.ds_shape).to(full32.device))
+                    full32.copy_(full.view(full32.shape).to(full32.device))
+
+    def _load_partition(self, pm, part32, flat: torch.Tensor) -> None:
+        size = pm.ds_tensor.numel()
+        chunk = torch.zeros(size, dtype=torch.float32)
+        piece = flat[self.rank * size : (self.rank + 1) * size]
+        chunk[: piece.numel()] = piece
+        pm.ds_tensor.copy_(chunk.to(pm.ds_tensor.device))
+        if part32 is not None:
+            part32.copy_(chunk.to(part32.device))
 
     # -- checkpoint files ------------------------------------------------------------------------------
 

@@ -127,7 +127,7 @@ class Trainer:
             raise ValueError("train.engine=plain runs one process; use train.engine=deepspeed for several ranks")
         # Everything that can fail on the config or the data fails here, before any process group exists.
         self.accumulation = accumulation_steps(cfg, renv.world_size)
-        check_deepspeed_section(OmegaConf.to_container(cfg.deepspeed, resolve=True))
+        check_deepspeed_section(OmegaConf.to_container(cfg.deepspeed, resolve=True), cfg.train.zero_stage)
         storage = StorageOptions.from_config(cfg.storage)
         self.index = load_index(cfg.data.shards, storage)  # read once per rank; a bad path or URL fails now
         check_data_fits(cfg, self.index, renv.world_size)
@@ -184,6 +184,12 @@ class Trainer:
                     if meta["engine"] != self.cfg.train.engine:
                         raise ValueError(f"{path}: written by the {meta['engine']} engine, but train.engine="
                                          f"{self.cfg.train.engine}")
+                    stage = meta.get("zero_stage") or 3  # checkpoints from before train.zero_stage were ZeRO-3
+                    if self.cfg.train.engine == "deepspeed" and stage != self.cfg.train.zero_stage:
+                        raise ValueError(f"{path}: saved at ZeRO stage {stage}, but train.zero_stage="
+                                         f"{self.cfg.train.zero_stage}; DeepSpeed cannot load one stage's files at "
+                                         f"another (not even in the universal form): resume with "
+                                         f"train.zero_stage={stage}")
                     universal = meta["world_size"] != self.world_size
                     if universal:
                         print(f"knowlip: {path.name} was saved by {meta['world_size']} rank(s); this job has "
@@ -432,6 +438,7 @@ class Trainer:
         final = root / ckpt.checkpoint_name(self.step)
         if self.rank == 0:
             meta = {"step": self.step, "world_size": self.world_size, "engine": self.cfg.train.engine,
+                    "zero_stage": self.cfg.train.zero_stage if self.cfg.train.engine == "deepspeed" else None,
                     "config_hash": config_hash(self.cfg), "global_batch": self.global_batch}
             final = ckpt.commit_save(partial, meta, self.cfg.ckpt.keep)
             log.info("saved checkpoint %s", final)
