@@ -49,15 +49,17 @@ def test_plain_engine_clips_the_gradient_adam_receives(tmp_path):
 
 def test_deepspeed_config_sets_clipping_explicitly_and_derives_batch_sizes(tmp_path):
     cfg = make_config(tmp_path, "data.batch_size=4", "train.global_batch_size=32",
-                      "deepspeed.zero_optimization.overlap_comm=true")
+                      "deepspeed.zero_optimization.reduce_bucket_size=1000")
     ds = deepspeed_config(cfg, world_size=2, accumulation=accumulation_steps(cfg, 2), bf16=False, universal=False)
     assert ds["gradient_clipping"] == 0.0  # present and off: DeepSpeed's own default would be 1.0
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 4, 32)
-    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True, "reduce_bucket_size": 1000}
     clipped = make_config(tmp_path, "train.grad_clip=0.7")
     assert deepspeed_config(clipped, 1, 1, False, False)["gradient_clipping"] == 0.7
     stage2 = make_config(tmp_path, "train.zero_stage=2", "deepspeed.zero_optimization.stage=2")
-    assert deepspeed_config(stage2, 1, 1, False, False)["zero_optimization"] == {"stage": 2}
+    assert deepspeed_config(stage2, 1, 1, False, False)["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    no_overlap = make_config(tmp_path, "train.zero_stage=2", "deepspeed.zero_optimization.overlap_comm=false")
+    assert deepspeed_config(no_overlap, 1, 1, False, False)["zero_optimization"]["overlap_comm"] is False
 
 
 @pytest.mark.parametrize("override,match", [("deepspeed.gradient_clipping=1.0", "set by knowlip"),
