@@ -198,12 +198,10 @@ class PlainEngine(_DistMixin):
         if not self.ema32:
             self.module.momentum_update()
             return
-        m = self.module.loss_cfg.momentum  # in float32 from the masters: 0.005 x a step is below bf16's resolution
+        # In float32 from the masters: 0.005 x a step is below bf16's resolution.
         online, moving = zip(*self.module.momentum_pairs())
-        accumulators = [self.ema32[pm] for pm in moving]
-        torch._foreach_mul_(accumulators, m)
-        torch._foreach_add_(accumulators, [self.masters[p] for p in online], alpha=1 - m)
-        torch._foreach_copy_(list(moving), accumulators)
+        ema_update(list(moving), [self.masters[p] for p in online], self.module.loss_cfg.momentum,
+                   [self.ema32[pm] for pm in moving])
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()
@@ -271,6 +269,17 @@ class PlainEngine(_DistMixin):
                 p.copy_(state[name])
                 if self.ema32:
                     self.ema32[p].copy_(state[name])
+
+
+def ema_update(moving: list[torch.Tensor], online: list[torch.Tensor], m: float,
+               accumulators: list[torch.Tensor] | None = None) -> None:
+    """moving <- m moving + (1 - m) online as multi-tensor ops (one launch per op, not per tensor). With float32
+    `accumulators` (of bf16 weights) the update runs in them and is then rounded into `moving`."""
+    target = moving if accumulators is None else accumulators
+    torch._foreach_mul_(target, m)
+    torch._foreach_add_(target, online, alpha=1 - m)
+    if accumulators is not None:
+        torch._foreach_copy_(moving, accumulators)
 
 
 def _momentum_named(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -389,13 +398,10 @@ class ZeroEngine(_DistMixin):
                     pm.data.copy_(full32)
 
     def _update_whole_weights(self, m: float) -> None:
-        online = [p.detach().float() for p, *_ in self._ema]
         moving = [pm for _, pm, _, _ in self._ema]
-        accumulators = [pm if full32 is None else full32 for _, pm, _, full32 in self._ema]
-        torch._foreach_mul_(accumulators, m)
-        torch._foreach_add_(accumulators, online, alpha=1 - m)
-        if self._ema[0][3] is not None:  # bf16 weights: round the fp32 accumulators into them
-            torch._foreach_copy_(moving, accumulators)
+        online = [p.detach().float() for p, *_ in self._ema]
+        accumulators = None if self._ema[0][3] is None else [full32 for *_, full32 in self._ema]
+        ema_update(moving, online, m, accumulators)
 
     def momentum_state(self) -> dict[str, torch.Tensor]:
         """The full fp32 momentum weights on rank 0 (other ranks get {}); at stage 3 gathered from every rank's
