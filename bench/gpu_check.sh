@@ -73,6 +73,7 @@ else
     "zero2|--batches 224:128 --groups deepspeed/224/eager --override train.zero_stage=2"
     "zero2_search|--groups deepspeed/224/eager --override train.zero_stage=2"
     "plain_bf16_weights_compile|--batches 224:128 --groups plain/224/compile --override train.precision=bf16_weights"
+    "zero2_compile|--batches 224:128 --groups deepspeed/224/compile --override train.zero_stage=2"
   )
   if [ "$PLAN" = step ]; then
     default_cases="plain_bf16_weights zero3 zero2 plain_bf16_weights_search zero2_search plain_bf16_weights_compile"

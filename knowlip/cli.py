@@ -300,11 +300,12 @@ def cmd_ckpt_ls(args: argparse.Namespace) -> int:
     if not infos:
         print(f"no checkpoints in {root}")
         return 1
-    print(f"{'checkpoint':<28} {'step':>8} {'saved':<19} {'ranks':>5} {'MiB':>9}  state")
+    print(f"{'checkpoint':<28} {'step':>8} {'saved':<19} {'ranks':>5} {'engine':<7} {'MiB':>9}  state")
     for c in infos:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.time)) if c.time else "-"
         state = "complete" if c.complete else "INCOMPLETE (never resumed)"
-        print(f"{c.path.name:<28} {c.step:>8} {when:<19} {c.world_size or '-':>5} {c.bytes / 2**20:>9.1f}  {state}")
+        print(f"{c.path.name:<28} {c.step:>8} {when:<19} {c.world_size or '-':>5} {c.engine_label:<7} "
+              f"{c.bytes / 2**20:>9.1f}  {state}")
     return 0
 
 

@@ -218,6 +218,8 @@ def test_zero2_trains_as_zero3_and_resumes_bit_exact(straight, zero2, base, tmp_
     zero2_straight, stopped = zero2
     assert losses(zero2_straight) == pytest.approx(losses(straight), rel=1e-5)
     assert read_meta(stopped / "checkpoints/step_00000004")["zero_stage"] == 2
+    ls = subprocess.run(CLI + ["ckpt", "ls", str(stopped)], capture_output=True, text=True)
+    assert ls.returncode == 0 and "step_00000004" in ls.stdout and " ZeRO-2 " in ls.stdout
     run = tmp_path / "run"
     shutil.copytree(stopped, run)
     resumed = train(run, base, "train.zero_stage=2")

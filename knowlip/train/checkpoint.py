@@ -51,6 +51,11 @@ class CheckpointInfo:
     bytes: int  # as saved (a later universal/ conversion is not counted)
     world_size: int | None
     engine: str | None
+    zero_stage: int | None = None  # deepspeed only
+
+    @property
+    def engine_label(self) -> str:
+        return f"ZeRO-{self.zero_stage}" if self.engine == "deepspeed" else (self.engine or "-")
 
 
 def read_meta(path: Path) -> dict | None:
@@ -59,6 +64,11 @@ def read_meta(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return meta if meta.get("complete") else None
+
+
+def zero_stage_of(meta: dict) -> int | None:
+    """The ZeRO stage a deepspeed checkpoint was saved at (saves from before train.zero_stage were all ZeRO-3)."""
+    return (meta.get("zero_stage") or 3) if meta.get("engine") == "deepspeed" else None
 
 
 def folder_bytes(path: Path) -> int:
@@ -81,7 +91,7 @@ def list_checkpoints(root: Path) -> list[CheckpointInfo]:
             out.append(CheckpointInfo(path, int(digits), False, None, folder_bytes(path), None, None))
         else:
             out.append(CheckpointInfo(path, int(digits), True, meta["time"], meta["bytes"], meta["world_size"],
-                                      meta["engine"]))
+                                      meta["engine"], zero_stage_of(meta)))
     return sorted(out, key=lambda c: (c.step, c.complete))
 
 

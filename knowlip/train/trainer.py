@@ -184,8 +184,8 @@ class Trainer:
                     if meta["engine"] != self.cfg.train.engine:
                         raise ValueError(f"{path}: written by the {meta['engine']} engine, but train.engine="
                                          f"{self.cfg.train.engine}")
-                    stage = meta.get("zero_stage") or 3  # checkpoints from before train.zero_stage were ZeRO-3
-                    if self.cfg.train.engine == "deepspeed" and stage != self.cfg.train.zero_stage:
+                    stage = ckpt.zero_stage_of(meta)
+                    if stage is not None and stage != self.cfg.train.zero_stage:
                         raise ValueError(f"{path}: saved at ZeRO stage {stage}, but train.zero_stage="
                                          f"{self.cfg.train.zero_stage}; DeepSpeed cannot load one stage's files at "
                                          f"another (not even in the universal form): resume with "
