@@ -120,6 +120,19 @@ def test_usr2_requeues_and_resumes_across_both_hosts(two_hosts, local_run, tiny_
     assert losses(run) == losses(local_run)  # saved on two hosts, requeued, resumed: the same numbers
 
 
+def test_zero2_across_two_hosts_requeues_and_trains_like_zero3(two_hosts, local_run, tiny_train_base, tmp_path):
+    """ZeRO-2, the stage bench/scaling_model.py recommends across hosts for `base`: gradients reduce-scattered
+    over the veth, saved on both hosts at USR2, resumed after the requeue; the ZeRO-3 losses of one host."""
+    run = tmp_path / "run"
+    job = job_id_of(knowlip(tmp_path, "submit", "--cluster", "local2", *two_hosts, f"run_dir={run}",
+                            *tiny_train_base, "train.steps=16", "train.zero_stage=2"))
+    wait_for_steps(run, 3)
+    assert in_node1("scancel", "--signal=USR2", job, timeout=60).returncode == 0
+    assert wait_finished(job) == ["REQUEUED", "COMPLETED"]
+    assert rank_hosts(tmp_path / "runs" / "slurm", job) == ["node1", "node2"]
+    assert losses(run) == pytest.approx(losses(local_run), rel=1e-5)
+
+
 def test_a_checkpoint_written_by_two_hosts_resumes_on_one(two_hosts, local_run, tiny_train_base, tmp_path):
     run = tmp_path / "run"
     proc = knowlip(tmp_path, "submit", "--cluster", "local2", "--wait", *two_hosts, f"run_dir={run}",
