@@ -34,6 +34,9 @@ class _Quadratic(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.full((10, 10), 3.0))
 
+    def momentum_pairs(self):  # no momentum encoder
+        return iter(())
+
 
 def test_plain_engine_clips_the_gradient_adam_receives(tmp_path):
     """After one AdamW step exp_avg = (1 - beta1) g: its norm shows the gradient after clipping."""
@@ -235,13 +238,13 @@ def test_bf16_weights_momentum_accumulates_in_float32(tmp_path):
     with torch.no_grad():
         for p, _ in pairs:
             engine.masters[p].add_(1e-3)  # the online masters moved a little
-    before = {pm: engine.ema32[pm].double() for _, pm in pairs}
+    before = {pm: engine.momentum.ema32[pm].double() for _, pm in pairs}
     engine.momentum_update()
     for p, pm in pairs:
         expected = 0.995 * before[pm] + 0.005 * engine.masters[p].double()
-        torch.testing.assert_close(engine.ema32[pm].double(), expected, rtol=1e-6, atol=1e-7)
-        assert torch.equal(pm.detach(), engine.ema32[pm].bfloat16())
-    assert any(not torch.equal(engine.ema32[pm], before[pm].float()) and torch.equal(pm.detach(), before[pm].bfloat16())
+        torch.testing.assert_close(engine.momentum.ema32[pm].double(), expected, rtol=1e-6, atol=1e-7)
+        assert torch.equal(pm.detach(), engine.momentum.ema32[pm].bfloat16())
+    assert any(not torch.equal(engine.momentum.ema32[pm], before[pm].float()) and torch.equal(pm.detach(), before[pm].bfloat16())
                for _, pm in pairs)  # a change the bf16 weight alone would have lost
 
 
@@ -264,8 +267,8 @@ def test_bf16_weights_checkpoint_restores_masters_momentum_and_optimizer(tmp_pat
         assert torch.equal(p, q), name
         if p in engine.masters:
             assert torch.equal(engine.masters[p], fresh.masters[q]), name
-        if p in engine.ema32:
-            assert torch.equal(engine.ema32[p], fresh.ema32[q]), name
+        if p in engine.momentum.ema32:
+            assert torch.equal(engine.momentum.ema32[p], fresh.momentum.ema32[q]), name
     a, b = engine.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
     autocast_engine = PlainEngine(fresh.module, make_config(tmp_path / "c", "train.precision=bf16"),

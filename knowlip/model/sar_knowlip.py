@@ -26,6 +26,17 @@ from knowlip.model.text import TextModel
 from knowlip.model.vit import VisionTransformer
 
 
+def ema_update(moving: list[torch.Tensor], online: list[torch.Tensor], m: float,
+               accumulators: list[torch.Tensor] | None = None) -> None:
+    """moving <- m moving + (1 - m) online as multi-tensor ops (one launch per op, not per tensor). With float32
+    `accumulators` (of bf16 weights) the update runs in them and is then rounded into `moving`."""
+    target = moving if accumulators is None else accumulators
+    torch._foreach_mul_(target, m)
+    torch._foreach_add_(target, online, alpha=1 - m)
+    if accumulators is not None:
+        torch._foreach_copy_(moving, accumulators)
+
+
 @dataclass(frozen=True)
 class SpecialTokens:
     pad: int
@@ -90,10 +101,8 @@ class SarKnowLIP(nn.Module):
     def momentum_update(self) -> None:
         """pm <- m pm + (1 - m) p for every pair, as two multi-tensor ops (hundreds of pairs: one launch each
         per pair was ~1.6k kernel launches a step on the GPU)."""
-        m = self.loss_cfg.momentum
         online, moving = zip(*self.momentum_pairs())
-        torch._foreach_mul_(moving, m)
-        torch._foreach_add_(moving, [p.detach() for p in online], alpha=1 - m)
+        ema_update(list(moving), [p.detach() for p in online], self.loss_cfg.momentum)
 
     @torch.no_grad()
     def _enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, group) -> None:

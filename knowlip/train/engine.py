@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from knowlip.config import ConfigError
 from knowlip.launch.local import RankEnv
+from knowlip.model.sar_knowlip import ema_update
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +175,10 @@ class PlainEngine(_DistMixin):
         self.compute_dtype = torch.bfloat16 if bf16 or bf16_weights else torch.float32
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not bf16_weights else None
         self.masters: dict[torch.nn.Parameter, torch.Tensor] = {}  # bf16 weight -> its float32 master
-        self.ema32: dict[torch.nn.Parameter, torch.Tensor] = {}  # bf16 momentum weight -> float32 accumulator
+        self.momentum = WholeMomentum(model, fp32_accumulators=bf16_weights)  # before the cast: exact
         groups = param_groups(model, cfg.train.weight_decay)
         if bf16_weights:
             self.masters = {p: p.detach().float().clone() for g in groups for p in g["params"]}
-            self.ema32 = {pm: pm.detach().float().clone() for _, pm in model.momentum_pairs()}
             model.to(torch.bfloat16)
             groups = [{**g, "params": [self.masters[p] for p in g["params"]]} for g in groups]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=OPTIMIZER_BETAS)
@@ -193,15 +193,8 @@ class PlainEngine(_DistMixin):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    @torch.no_grad()
     def momentum_update(self) -> None:
-        if not self.ema32:
-            self.module.momentum_update()
-            return
-        # In float32 from the masters: 0.005 x a step is below bf16's resolution.
-        online, moving = zip(*self.module.momentum_pairs())
-        ema_update(list(moving), [self.masters[p] for p in online], self.module.loss_cfg.momentum,
-                   [self.ema32[pm] for pm in moving])
+        self.momentum.update(self.masters)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()
@@ -239,7 +232,7 @@ class PlainEngine(_DistMixin):
         if self.masters:  # the float32 truth behind the bf16 weights
             names = {p: n for n, p in self.module.named_parameters()}
             state["masters"] = {names[p]: m for p, m in self.masters.items()}
-            state["ema32"] = {names[p]: a for p, a in self.ema32.items()}
+            state["ema32"] = {names[p]: a for p, a in self.momentum.ema32.items()}
         torch.save(state, folder / PLAIN_FILE)
 
     @torch.no_grad()
@@ -255,31 +248,44 @@ class PlainEngine(_DistMixin):
             for name, value in state["masters"].items():
                 self.masters[params[name]].copy_(value)
             for name, value in state["ema32"].items():
-                self.ema32[params[name]].copy_(value)
+                self.momentum.ema32[params[name]].copy_(value)
             self._sync_from_masters()
 
     def momentum_state(self) -> dict[str, torch.Tensor]:
-        if self.ema32:
-            return {name: self.ema32[p].detach().cpu().clone() for name, p in _momentum_named(self.module)}
-        return {name: p.detach().float().cpu() for name, p in _momentum_named(self.module)}
+        return self.momentum.state()
 
     def load_momentum_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, p in _momentum_named(self.module):
-                p.copy_(state[name])
-                if self.ema32:
-                    self.ema32[p].copy_(state[name])
+        self.momentum.load_state(state)
 
 
-def ema_update(moving: list[torch.Tensor], online: list[torch.Tensor], m: float,
-               accumulators: list[torch.Tensor] | None = None) -> None:
-    """moving <- m moving + (1 - m) online as multi-tensor ops (one launch per op, not per tensor). With float32
-    `accumulators` (of bf16 weights) the update runs in them and is then rounded into `moving`."""
-    target = moving if accumulators is None else accumulators
-    torch._foreach_mul_(target, m)
-    torch._foreach_add_(target, online, alpha=1 - m)
-    if accumulators is not None:
-        torch._foreach_copy_(moving, accumulators)
+class WholeMomentum:
+    """The momentum (EMA) weights where this process holds them whole: the plain engine, and every rank under
+    ZeRO-1/2 (ZeRO-3 holds partitions: ZeroEngine updates those itself). With bf16 weights the update runs in
+    float32 accumulators (`ema32`; 0.005 x a step is below bf16's resolution) and is rounded into the weights."""
+
+    def __init__(self, model: torch.nn.Module, fp32_accumulators: bool):
+        self.model, self.pairs = model, list(model.momentum_pairs())
+        self.named = _momentum_named(model)
+        self.ema32 = {pm: pm.detach().float().clone() for _, pm in self.pairs} if fp32_accumulators else {}
+
+    @torch.no_grad()
+    def update(self, masters: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> None:
+        """`masters`: the online weights' float32 masters where the optimiser keeps them apart (the plain
+        engine's bf16 weights); otherwise the update reads the online weights themselves."""
+        online = [masters[p] if masters else p.detach().float() for p, _ in self.pairs]
+        moving = [pm for _, pm in self.pairs]
+        ema_update(moving, online, self.model.loss_cfg.momentum,
+                   [self.ema32[pm] for pm in moving] if self.ema32 else None)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: self.ema32.get(pm, pm).detach().float().cpu().clone() for name, pm in self.named}
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, pm in self.named:
+            pm.copy_(state[name])
+            if self.ema32:
+                self.ema32[pm].copy_(state[name])
 
 
 def _momentum_named(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -311,7 +317,10 @@ class ZeroEngine(_DistMixin):
                                                                  config=self.config, dist_init_required=False)
         self.module = self.engine.module
         self._micro = 0
-        self._build_ema_state()
+        # Below stage 3 every rank holds the momentum weights whole, as the plain engine does.
+        self.whole = WholeMomentum(self.module, fp32_accumulators=bf16) if self.stage < 3 else None
+        if self.whole is None:
+            self._build_ema_state()
 
     # -- the step ----------------------------------------------------------------------------------------
 
@@ -339,11 +348,6 @@ class ZeroEngine(_DistMixin):
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def _whole(self, p) -> bool:
-        """Whether this rank holds p whole: always below stage 3; at stage 3 only the small parameters ZeRO-3
-        keeps persistent (stage3_param_persistence_threshold)."""
-        return self.stage < 3 or _is_persistent(p)
-
     def _clamp_temperature_master(self) -> None:
         """The model clamps its temperature in place in forward, as BLIP does; under ZeRO that reaches only the
         working copy, so the optimiser's fp32 master is clamped here too (else it would drift past the bound and
@@ -353,7 +357,8 @@ class ZeroEngine(_DistMixin):
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
         temp, cfg = self.module.temp, self.module.loss_cfg
-        value = temp.data.float() if self._whole(temp) else safe_get_full_fp32_param(temp)
+        whole = self.stage < 3 or _is_persistent(temp)
+        value = temp.data.float() if whole else safe_get_full_fp32_param(temp)
         clamped = value.clamp(cfg.temp_min, cfg.temp_max)
         if not torch.equal(value, clamped):
             safe_set_full_fp32_param(temp, clamped)  # every rank writes its own slice of the master
@@ -366,24 +371,23 @@ class ZeroEngine(_DistMixin):
     # -- momentum encoders ---------------------------------------------------------------------------------
 
     def _build_ema_state(self) -> None:
-        """fp32 accumulators of the momentum weights this rank holds: at stage 3 its partitions (and the full
-        copy of persistent parameters), below stage 3 the whole weights. None where the weights are fp32."""
+        """ZeRO-3: fp32 accumulators of the momentum partitions (and of the full copy of persistent parameters)."""
         self._ema = []
         for p, pm in self.module.momentum_pairs():
-            exact = pm.dtype == torch.float32 if self.stage < 3 else pm.ds_tensor.dtype == torch.float32
-            part32 = None if exact or self.stage < 3 else pm.ds_tensor.detach().float().clone()
-            full32 = None if exact or not self._whole(pm) else pm.data.detach().float().clone()
+            exact = pm.ds_tensor.dtype == torch.float32
+            part32 = None if exact else pm.ds_tensor.detach().float().clone()
+            full32 = None if exact or not _is_persistent(pm) else pm.data.detach().float().clone()
             self._ema.append((p, pm, part32, full32))
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """pm <- m pm + (1 - m) p on what this rank holds (no communication): at stage 3 the partitions and the
-        full copy that ZeRO-3 keeps of persistent (small) parameters, which forward reads instead of the
-        partition; below stage 3 the whole weights, as multi-tensor ops."""
-        m = self.module.loss_cfg.momentum
-        if self.stage < 3:
-            self._update_whole_weights(m)
+        """pm <- m pm + (1 - m) p on what this rank holds (no communication): below stage 3 the whole weights;
+        at stage 3 its partitions, and the full copy that ZeRO-3 keeps of persistent (small) parameters, which
+        forward reads instead of the partition."""
+        if self.whole is not None:
+            self.whole.update()
             return
+        m = self.module.loss_cfg.momentum
         for p, pm, part32, full32 in self._ema:
             if part32 is None:
                 pm.ds_tensor.mul_(m).add_(p.ds_tensor, alpha=1 - m)
@@ -397,22 +401,13 @@ class ZeroEngine(_DistMixin):
                     full32.mul_(m).add_(p.data.float(), alpha=1 - m)
                     pm.data.copy_(full32)
 
-    def _update_whole_weights(self, m: float) -> None:
-        moving = [pm for _, pm, _, _ in self._ema]
-        online = [p.detach().float() for p, *_ in self._ema]
-        accumulators = None if self._ema[0][3] is None else [full32 for *_, full32 in self._ema]
-        ema_update(moving, online, m, accumulators)
-
     def momentum_state(self) -> dict[str, torch.Tensor]:
         """The full fp32 momentum weights on rank 0 (other ranks get {}); at stage 3 gathered from every rank's
         partition (a collective)."""
-        names = {id(pm): n for n, pm in _momentum_named(self.module)}
-        if self.stage < 3:
-            if self.rank != 0:
-                return {}
-            return {names[id(pm)]: (pm.data if full32 is None else full32).detach().float().cpu().clone()
-                    for _, pm, _, full32 in self._ema}
+        if self.whole is not None:
+            return self.whole.state() if self.rank == 0 else {}
         out = {}
+        names = {id(pm): n for n, pm in _momentum_named(self.module)}
         for p, pm, part32, _ in self._ema:
             part = (pm.ds_tensor if part32 is None else part32).detach().float()
             parts = [torch.empty_like(part) for _ in range(self.world_size)]
@@ -424,26 +419,24 @@ class ZeroEngine(_DistMixin):
     @torch.no_grad()
     def load_momentum_state(self, state: dict[str, torch.Tensor]) -> None:
         """Every rank writes what it holds of the full weights (read from the shared checkpoint folder)."""
+        if self.whole is not None:
+            self.whole.load_state(state)
+            return
         names = {id(pm): n for n, pm in _momentum_named(self.module)}
         self._build_ema_state()
         for p, pm, part32, full32 in self._ema:
-            full = state[names[id(pm)]].float()
-            if self.stage == 3:
-                self._load_partition(pm, part32, full.reshape(-1))
-            if self._whole(pm):
-                pm.data.copy_(full.view(pm.data.shape if self.stage < 3 else pm.ds_shape).to(pm.data.device,
-                                                                                             pm.data.dtype))
+            full = state[names[id(pm)]].float().reshape(-1)
+            size = pm.ds_tensor.numel()
+            chunk = torch.zeros(size, dtype=torch.float32)
+            piece = full[self.rank * size : (self.rank + 1) * size]
+            chunk[: piece.numel()] = piece
+            pm.ds_tensor.copy_(chunk.to(pm.ds_tensor.device))
+            if part32 is not None:
+                part32.copy_(chunk.to(part32.device))
+            if _is_persistent(pm):
+                pm.data.copy_(full.view(pm.ds_shape).to(pm.data.device, pm.data.dtype))
                 if full32 is not None:
-                    full32.copy_(full.view(full32.shape).to(full32.device))
-
-    def _load_partition(self, pm, part32, flat: torch.Tensor) -> None:
-        size = pm.ds_tensor.numel()
-        chunk = torch.zeros(size, dtype=torch.float32)
-        piece = flat[self.rank * size : (self.rank + 1) * size]
-        chunk[: piece.numel()] = piece
-        pm.ds_tensor.copy_(chunk.to(pm.ds_tensor.device))
-        if part32 is not None:
-            part32.copy_(chunk.to(part32.device))
+                    full32.copy_(full.view(pm.ds_shape).to(full32.device))
 
     # -- checkpoint files ------------------------------------------------------------------------------
 
