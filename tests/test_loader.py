@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from knowlip.data import loader as loader_mod
-from knowlip.data.loader import StreamingLoader, epoch_order, step_slices
+from knowlip.data.loader import StepSlices, StreamingLoader, epoch_order
 from knowlip.data.replay import replay
 from knowlip.data.shards import ShardError, load_index
 
@@ -167,9 +167,9 @@ def test_plan_functions():
     order = epoch_order([5, 3, 7], seed=0, epoch=0, block=4)
     assert sorted(order.tolist()) == list(range(15))
     assert not np.array_equal(order, epoch_order([5, 3, 7], seed=0, epoch=1, block=4))
-    assert list(step_slices(10, 0, 2, 2, drop_last=True)) == [[(0, 2), (2, 4)], [(4, 6), (6, 8)]]
-    assert list(step_slices(11, 8, 2, 2, drop_last=False)) == [[(8, 9), (9, 11)]]
-    assert list(step_slices(9, 8, 2, 2, drop_last=False)) == []  # fewer left than ranks: dropped
+    assert list(StepSlices(10, 0, 2, 2, drop_last=True)) == [[(0, 2), (2, 4)], [(4, 6), (6, 8)]]
+    assert list(StepSlices(11, 8, 2, 2, drop_last=False)) == [[(8, 9), (9, 11)]]
+    assert list(StepSlices(9, 8, 2, 2, drop_last=False)) == []  # fewer left than ranks: dropped
 
 
 def test_lazy_step_slices_equal_the_steps_built_one_by_one():
@@ -188,7 +188,7 @@ def test_lazy_step_slices_equal_the_steps_built_one_by_one():
     for n in (0, 1, 7, 24, 25, 97):
         for cursor in sorted({c for c in (0, 3, n // 2, n) if c <= n}):
             for world, batch, drop_last in [(1, 4, True), (2, 3, False), (3, 2, False), (3, 5, True), (4, 1, False)]:
-                lazy = step_slices(n, cursor, world, batch, drop_last)
+                lazy = StepSlices(n, cursor, world, batch, drop_last)
                 expected = walk(n, cursor, world, batch, drop_last)
                 assert len(lazy) == len(expected) and list(lazy) == expected, (n, cursor, world, batch, drop_last)
                 assert [list(lazy.for_rank(r)) for r in range(world)] == [[s[r] for s in expected]

@@ -77,7 +77,7 @@ def inspect_shards(root: str, storage=None) -> dict:
     s = stats
     return {
         "root": str(index.root),
-        "shards": len(index.shards),
+        "shards": index.num_shards,
         "samples": s.samples,
         "samples_in_index": index.total_samples,
         "damaged_shards": damaged,

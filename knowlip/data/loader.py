@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import abc
-from collections import Counter
+from collections import Counter, abc
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,10 +141,6 @@ class RankSlices(abc.Sequence):
 
     def __getitem__(self, k: int) -> tuple[int, int]:
         return self.steps[k][self.rank]
-
-
-def step_slices(num_samples: int, cursor: int, world_size: int, batch_size: int, drop_last: bool) -> StepSlices:
-    return StepSlices(num_samples, cursor, world_size, batch_size, drop_last)
 
 
 def step_size(slices: list[tuple[int, int]]) -> int:
@@ -325,7 +320,7 @@ class StreamingLoader:
         return self._order_cache[1]
 
     def remaining_steps(self) -> StepSlices:
-        return step_slices(self.num_samples, self.cursor, self.world_size, self.batch_size, self.drop_last)
+        return StepSlices(self.num_samples, self.cursor, self.world_size, self.batch_size, self.drop_last)
 
     def __len__(self) -> int:
         """Batches left in the current epoch (the same on every rank)."""

@@ -13,7 +13,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from knowlip.data.shards import MEMBERS, ShardError, ShardWriter, encode_sample, load_index, write_index
-from knowlip.data.storage import StorageOptions, is_url
+from knowlip.data.storage import StorageOptions, is_url, storage_options
 from knowlip.sar.geotiff import SarReadError, find_rasters, iter_chips
 from knowlip.text.caption import GEO_FIELD, Caption, CaptionIndex, geo_clause
 
@@ -45,7 +45,7 @@ def pack(cfg) -> tuple[Path, PackReport]:
     p = cfg.pack
     started = time.perf_counter()
     files = find_rasters(p.inputs)
-    storage = StorageOptions.from_config(cfg.storage)
+    storage = storage_options(cfg.storage)
     writer = ShardWriter(p.out_dir, p.shard_max_samples, p.shard_max_bytes, storage)
     report = _pack_files(files, p, writer)
     return _finish(p, files, writer, report, started, storage)
@@ -106,7 +106,7 @@ def merge_parts(cfg, files: list[Path], part_dirs: list[str]) -> tuple[str, Pack
     """The parts' samples (checked against their checksums) re-written in order with the real shard limits."""
     p = cfg.pack
     started = time.perf_counter()
-    storage = StorageOptions.from_config(cfg.storage)
+    storage = storage_options(cfg.storage)
     writer = ShardWriter(p.out_dir, p.shard_max_samples, p.shard_max_bytes, storage)
     report = PackReport()
     for n, part_dir in enumerate(part_dirs):
@@ -115,12 +115,10 @@ def merge_parts(cfg, files: list[Path], part_dirs: list[str]) -> tuple[str, Pack
         if n == 0:  # every part read the same caption file: its errors once
             report.caption_errors = list(part["caption_errors"])
         for s in range(index.num_shards):
-            for lo in range(0, int(index.samples[s]), MERGE_CHUNK):
-                chunk = range(lo, min(lo + MERGE_CHUNK, int(index.samples[s])))
-                for members in index.read_samples([(s, i) for i in chunk]):
-                    if isinstance(members, ShardError):  # a part damaged between packing and merging
-                        raise members
-                    writer.write(members.pop("__key__").decode(), {ext: members[ext] for ext in MEMBERS})
+            for _, members in index.shard_samples(s):
+                if isinstance(members, ShardError):  # a part damaged between packing and merging
+                    raise members
+                writer.write(members.pop("__key__").decode(), {ext: members[ext] for ext in MEMBERS})
         report.scenes_packed += part["scenes_packed"]
         report.samples += part["samples"]
         report.chips_without_caption += part["chips_without_caption"]
@@ -128,9 +126,6 @@ def merge_parts(cfg, files: list[Path], part_dirs: list[str]) -> tuple[str, Pack
         report.bands.update(part["bands"])
         report.dtypes.update(part["dtypes"])
     return _finish(p, files, writer, report, started, storage)
-
-
-MERGE_CHUNK = 256  # samples read per call while merging
 
 
 def pack_on_slurm(cfg, profile, tasks: int) -> tuple[str, PackReport, list[str]]:

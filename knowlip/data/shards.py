@@ -22,7 +22,7 @@ import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import xxhash
@@ -200,6 +200,13 @@ class ShardIndex:
         tables = [self.table(s) for s, _ in wanted]
         raws = self.store.read_ranges([(t.shard.name, t.sample_range(i)) for t, (_, i) in zip(tables, wanted)])
         return [t.checked(i, raw) for t, (_, i), raw in zip(tables, wanted, raws)]
+
+    def shard_samples(self, s: int, chunk: int = 256) -> Iterator[tuple[int, dict[str, bytes] | ShardError]]:
+        """Every sample of shard s in order, as (sample number, members or its ShardError), `chunk` per read."""
+        n = int(self.samples[s])
+        for lo in range(0, n, chunk):
+            numbers = range(lo, min(lo + chunk, n))
+            yield from zip(numbers, self.read_samples([(s, i) for i in numbers]))
 
 
 def load_index(root: str | Path, storage: StorageOptions | None = None, check_files: bool = True) -> ShardIndex:

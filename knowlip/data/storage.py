@@ -17,9 +17,11 @@ import random
 import stat
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from knowlip.config import StorageConfig
 
 Range = tuple[int, int]  # (offset, length) in bytes
 OPEN_FILES = 256  # shard files a local reader keeps open
@@ -34,25 +36,15 @@ def is_url(root: str | Path) -> bool:
     return "://" in str(root)
 
 
-@dataclass
-class StorageOptions:
-    """How to reach an object store (the `storage` config section)."""
+# How to reach an object store: the `storage` config section's dataclass, so its defaults live in one place.
+StorageOptions = StorageConfig
 
-    options: dict[str, Any] = field(default_factory=dict)  # fsspec filesystem arguments
-    retries: int = 5  # per request, after the first try
-    backoff_s: float = 0.2  # first wait; doubles per retry (with jitter), at most 10 s
-    coalesce_gap_bytes: int = 1 << 20  # ranges of one object closer than this are read in one request
-    requests_in_flight: int = 8  # concurrent range requests of one reader
 
-    @classmethod
-    def from_config(cls, cfg) -> "StorageOptions":
-        """From a `storage` config section (None: the defaults)."""
-        if cfg is None:
-            return cls()
-        from omegaconf import OmegaConf
+def storage_options(section) -> StorageOptions:
+    """A `storage` config section as StorageOptions."""
+    from omegaconf import OmegaConf
 
-        return cls(dict(OmegaConf.to_container(cfg.options, resolve=True)), cfg.retries, cfg.backoff_s,
-                   cfg.coalesce_gap_bytes, cfg.requests_in_flight)
+    return OmegaConf.to_object(section)
 
 
 @dataclass

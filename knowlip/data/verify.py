@@ -9,7 +9,6 @@ from pathlib import Path
 from knowlip.data.shards import CorruptSample, ShardError, ShardIndex, load_index
 from knowlip.data.storage import StorageOptions
 
-CHUNK = 256  # samples read per call
 _INDEX: ShardIndex | None = None  # a pool worker's copy, sent once (not once per shard)
 
 
@@ -18,15 +17,14 @@ def _init_worker(index: ShardIndex) -> None:
     _INDEX = index
 
 
-def _check_samples(table, chunks) -> list[str]:
-    """Damage found in (sample number, bytes) pairs, as the loader would name it."""
+def _damage(shard_name: str, samples) -> list[str]:
+    """The damaged ones of (sample number, members or ShardError) pairs, named as the loader would."""
     damaged = []
-    for i, raw in chunks:
-        members = table.checked(i, raw)
+    for i, members in samples:
         if isinstance(members, CorruptSample):
             damaged.append(str(members))
         elif isinstance(members, ShardError):
-            damaged.append(f"{table.shard.name} sample {i}: unreadable ({members})")
+            damaged.append(f"{shard_name} sample {i}: unreadable ({members})")
     return damaged
 
 
@@ -47,7 +45,7 @@ def verify_shard(s: int, index: ShardIndex | None = None) -> dict:
         result["sha256_ok"] = hashlib.sha256(data).hexdigest() == shard.sha256
         if table is not None:
             spans = ((i, *table.sample_range(i)) for i in range(shard.samples))
-            result["damaged"] += _check_samples(table, ((i, data[o:o + n]) for i, o, n in spans))
+            result["damaged"] += _damage(shard.name, ((i, table.checked(i, data[o:o + n])) for i, o, n in spans))
         return result
     h = hashlib.sha256()
     with index.store.path(shard.name).open("rb") as f:
@@ -55,10 +53,7 @@ def verify_shard(s: int, index: ShardIndex | None = None) -> dict:
             h.update(block)
     result["sha256_ok"] = h.hexdigest() == shard.sha256
     if table is not None:
-        for lo in range(0, shard.samples, CHUNK):
-            numbers = range(lo, min(lo + CHUNK, shard.samples))
-            raws = index.store.read_ranges([(shard.name, table.sample_range(i)) for i in numbers])
-            result["damaged"] += _check_samples(table, zip(numbers, raws))
+        result["damaged"] += _damage(shard.name, index.shard_samples(s))
     return result
 
 

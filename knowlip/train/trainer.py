@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from knowlip.config import accumulation_steps, config_changes, config_hash, schedule_steps, to_yaml
 from knowlip.data.loader import StreamingLoader, build_loader
 from knowlip.data.shards import ShardIndex, load_index
-from knowlip.data.storage import StorageOptions
+from knowlip.data.storage import storage_options
 from knowlip.eval.zero_shot import run_eval, scalars
 from knowlip.launch.local import RankEnv, free_port, resolve_device
 from knowlip.launch.signals import StopRequest
@@ -128,7 +128,7 @@ class Trainer:
         # Everything that can fail on the config or the data fails here, before any process group exists.
         self.accumulation = accumulation_steps(cfg, renv.world_size)
         check_deepspeed_section(OmegaConf.to_container(cfg.deepspeed, resolve=True), cfg.train.zero_stage)
-        storage = StorageOptions.from_config(cfg.storage)
+        storage = storage_options(cfg.storage)
         self.index = load_index(cfg.data.shards, storage)  # read once per rank; a bad path or URL fails now
         check_data_fits(cfg, self.index, renv.world_size)
         self.eval_index = load_index(cfg.eval.shards, storage) if cfg.eval.shards else None
