@@ -82,6 +82,15 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+def deepspeed_zero_stage(ckpt: Path) -> int:
+    """The ZeRO stage DeepSpeed itself recorded in a checkpoint's optimizer files (not knowlip's meta.json):
+    the stage a run really trained at."""
+    import torch
+
+    optim = next((ckpt / "engine").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    return int(torch.load(optim, map_location="cpu", weights_only=False)["optimizer_state_dict"]["zero_stage"])
+
+
 @pytest.fixture(scope="session")
 def local_run(tiny_train_base, tmp_path_factory) -> Path:
     """The reference of the Slurm tests: `knowlip train` with 2 local ranks on this host, 16 steps."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, losses
+from conftest import REPO, deepspeed_zero_stage, losses
 from knowlip.launch.local import spawn_local_ranks
 from knowlip.train.checkpoint import list_checkpoints, read_meta
 from knowlip.train.export import consolidated_state_dict, export_checkpoint, load_exported
@@ -58,6 +58,17 @@ def assert_same_tensors(a: dict, b: dict, atol: float = 0.0) -> None:
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
         else:
             assert torch.equal(a[k], b[k]), k
+
+
+def assert_same_training_state(other: dict, same: dict) -> None:
+    """Two probes of one checkpoint: the rest of the epoch, weights, Adam moments, momentum weights, buffers."""
+    assert set(other["remaining_keys"]) == set(same["remaining_keys"])
+    assert_same_tensors(other["params"], same["params"])
+    for name in same["moments"]:
+        for a, b in zip(other["moments"][name], same["moments"][name]):
+            assert torch.equal(a, b), name
+    assert_same_tensors(other["momentum"], same["momentum"])
+    assert_same_tensors(other["buffers"], same["buffers"])
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +125,7 @@ def test_resume_at_another_world_size_keeps_the_training_state(stopped, base, tm
     assert other["loader"]["cursor"] == same["loader"]["cursor"] == 4 * 4 * saved
     # the epoch goes on with exactly the samples not yet seen, each once, whatever the world size
     assert len(set(other["remaining_keys"])) == len(other["remaining_keys"]) == 96 - 16 * saved
-    assert set(other["remaining_keys"]) == set(same["remaining_keys"])
-    assert_same_tensors(other["params"], same["params"])
-    for name in same["moments"]:
-        for a, b in zip(other["moments"][name], same["moments"][name]):
-            assert torch.equal(a, b), name
-    assert_same_tensors(other["momentum"], same["momentum"])
-    assert_same_tensors(other["buffers"], same["buffers"])
+    assert_same_training_state(other, same)
     torch.testing.assert_close(other["image_feat"], same["image_feat"], atol=1e-6, rtol=0)
     # and it trains on at the new world size
     copy = tmp_path / "run"
@@ -218,6 +223,8 @@ def test_zero2_trains_as_zero3_and_resumes_bit_exact(straight, zero2, base, tmp_
     zero2_straight, stopped = zero2
     assert losses(zero2_straight) == pytest.approx(losses(straight), rel=1e-5)
     assert read_meta(stopped / "checkpoints/step_00000004")["zero_stage"] == 2
+    assert deepspeed_zero_stage(stopped / "checkpoints/step_00000004") == 2
+    assert deepspeed_zero_stage(straight / "checkpoints/step_00000008") == 3
     ls = subprocess.run(CLI + ["ckpt", "ls", str(stopped)], capture_output=True, text=True)
     assert ls.returncode == 0 and "step_00000004" in ls.stdout and " ZeRO-2 " in ls.stdout
     run = tmp_path / "run"
@@ -235,6 +242,7 @@ def test_zero2_trains_as_zero3_and_resumes_bit_exact(straight, zero2, base, tmp_
 
 def test_zero1_trains_as_zero2(zero2, base, tmp_path):
     train(tmp_path / "run", base, "train.zero_stage=1")
+    assert deepspeed_zero_stage(tmp_path / "run/checkpoints/step_00000008") == 1
     assert losses(tmp_path / "run") == pytest.approx(losses(zero2[0]), rel=1e-5)
 
 
@@ -244,13 +252,7 @@ def test_zero2_resumes_at_another_world_size_keeps_the_training_state(zero2, bas
     same = probe(stopped, base, tmp_path / "same.pt", 2, "train.zero_stage=2")
     other = probe(stopped, base, tmp_path / "other.pt", 1, "train.zero_stage=2")
     assert (same["world_size"], other["world_size"], other["step"]) == (2, 1, 4)
-    assert set(other["remaining_keys"]) == set(same["remaining_keys"])
-    assert_same_tensors(other["params"], same["params"])
-    for name in same["moments"]:
-        for a, b in zip(other["moments"][name], same["moments"][name]):
-            assert torch.equal(a, b), name
-    assert_same_tensors(other["momentum"], same["momentum"])
-    assert_same_tensors(other["buffers"], same["buffers"])
+    assert_same_training_state(other, same)
     saved = consolidated_state_dict(stopped / "checkpoints/step_00000004")
     assert_same_tensors({k: saved[k] for k in same["params"]}, same["params"])
 

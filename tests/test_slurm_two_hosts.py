@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, job_id_of, losses, wait_for_steps
+from conftest import REPO, deepspeed_zero_stage, job_id_of, losses, wait_for_steps
 
 NS1 = "/var/run/netns/knowlip-node1"
 HAVE_SLURM = all(shutil.which(t) or Path("/usr/sbin", t).exists() for t in ("slurmctld", "slurmd", "slurmdbd",
@@ -130,6 +130,7 @@ def test_zero2_across_two_hosts_requeues_and_trains_like_zero3(two_hosts, local_
     assert in_node1("scancel", "--signal=USR2", job, timeout=60).returncode == 0
     assert wait_finished(job) == ["REQUEUED", "COMPLETED"]
     assert rank_hosts(tmp_path / "runs" / "slurm", job) == ["node1", "node2"]
+    assert deepspeed_zero_stage(run / "checkpoints/step_00000016") == 2
     assert losses(run) == pytest.approx(losses(local_run), rel=1e-5)
 
 
