@@ -5,15 +5,15 @@
 # also removes what up.sh --nodes 2 made: the two network namespaces (and so the veth pair) and the hosts lines.
 set -uo pipefail
 NODES=1 PURGE=
-for arg in "$@"; do
-  case $arg in
-    --nodes=*) NODES=${arg#*=} ;;
-    --purge) PURGE=1 ;;
-    2) NODES=2 ;;
-    --nodes) ;;
+while [ $# -gt 0 ]; do  # as up.sh parses them
+  case $1 in
+    --nodes) NODES=${2:-}; shift $(( $# > 1 ? 2 : 1 )) ;;
+    --nodes=*) NODES=${1#*=}; shift ;;
+    --purge) PURGE=1; shift ;;
     *) echo "usage: down.sh [--nodes 1|2] [--purge]"; exit 2 ;;
   esac
 done
+[ "$NODES" = 1 ] || [ "$NODES" = 2 ] || { echo "down.sh: --nodes must be 1 or 2, not '$NODES'"; exit 2; }
 STATE=${KNOWLIP_SLURM_STATE:-/tmp/knowlip-slurm$([ "$NODES" = 2 ] && echo 2)}
 [ -f "$STATE/etc/nodes" ] && NODES=$(cat "$STATE/etc/nodes")
 CTL=()

@@ -21,7 +21,7 @@ set -euo pipefail
 NODES=1
 while [ $# -gt 0 ]; do
   case $1 in
-    --nodes) NODES=${2:-}; shift 2 ;;
+    --nodes) NODES=${2:-}; shift $(( $# > 1 ? 2 : 1 )) ;;
     --nodes=*) NODES=${1#*=}; shift ;;
     *) echo "usage: up.sh [--nodes 1|2]"; exit 2 ;;
   esac
