@@ -190,7 +190,7 @@ def _rank_main(rank: int, world: int, port: int, steps: int, out: str, master: s
 
     import train_step as ts
     from knowlip.launch.local import RankEnv
-    from knowlip.train.engine import init_process_group
+    from knowlip.distributed import init_process_group
 
     torch.set_num_threads(1)
     device = torch.device("cpu")

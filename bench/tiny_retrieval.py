@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from knowlip.config import load_config  # noqa: E402
 from knowlip.data.loader import StreamingLoader  # noqa: E402
 from knowlip.data.pack import pack  # noqa: E402
+from knowlip.ops.sar_norm import normalise_batch  # noqa: E402
 from knowlip.sar.synth import synthesise_from_config  # noqa: E402
 from knowlip.text.caption import parse_caption  # noqa: E402
 from knowlip.train.trainer import Trainer  # noqa: E402
@@ -43,7 +44,7 @@ def main() -> None:
         images, texts, captions = [], [], []
         with torch.no_grad():
             for batch in StreamingLoader(cfg.data.shards, 64, drop_last=False, tokenizer=trainer.text):
-                images.append(model.encode_image(trainer.normalise(batch))[1])
+                images.append(model.encode_image(normalise_batch(batch, cfg.norm, trainer.device, trainer.engine.compute_dtype))[1])
                 texts.append(model.encode_text(batch["input_ids"], batch["attention_mask"]))
                 captions += batch["captions"]
     keys = [parse_caption(c).without("geo").text() for c in captions]

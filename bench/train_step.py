@@ -42,7 +42,8 @@ from knowlip.launch.local import RankEnv, free_port  # noqa: E402
 from knowlip.model.dims import preset  # noqa: E402
 from knowlip.model.flops import peak_flops, training_flops_per_sample  # noqa: E402
 from knowlip.model.sar_knowlip import SarKnowLIP, SpecialTokens  # noqa: E402
-from knowlip.train.engine import build_engine, init_process_group  # noqa: E402
+from knowlip.distributed import init_process_group  # noqa: E402
+from knowlip.train.engine import build_engine  # noqa: E402
 
 VOCAB = {"tiny": 4096, "base": 30524}  # tiny: as bench/model_step.py; base: bert-base + [ENC] [DEC]
 

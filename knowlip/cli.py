@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from knowlip.config import ConfigError, load_config, to_yaml
+from knowlip.choices import EXPORT_DTYPES
+from knowlip.config import ConfigError, DataConfig, EvalConfig, load_config, to_yaml
 from knowlip.launch.slurm import SlurmError
 
 
@@ -125,22 +126,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from knowlip.launch.local import local_rank_count, rank_env, spawn_local_ranks
 
     cfg = _config(args)  # a bad config fails here, before any process or process group
-    renv = rank_env()
-    if renv is None and cfg.train.engine == "deepspeed":
+    ranks = rank_env()
+    if ranks is None and cfg.train.engine == "deepspeed":
         nproc = local_rank_count(cfg.dist.nproc_per_node)
         accumulation_steps(cfg, nproc)
         if nproc > 1:
             return spawn_local_ranks(nproc, _train_command(args))
-    level = logging.INFO if renv is None or renv.rank == 0 else logging.WARNING
+    level = logging.INFO if ranks is None or ranks.rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return _train_rank(cfg, renv)
+    return _train_rank(cfg, ranks)
 
 
-def _train_rank(cfg, renv) -> int:
+def _train_rank(cfg, ranks) -> int:
     from knowlip.launch.signals import StopRequest
-    from knowlip.train.entry import train_rank
+    from knowlip.train.rank_main import train_rank
 
-    return train_rank(cfg, renv, StopRequest().install())[0]
+    return train_rank(cfg, ranks, StopRequest().install())[0]
 
 
 def _split_cluster_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -153,7 +154,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Submit training to Slurm with submitit; the config and the request are checked before sbatch."""
     from knowlip.config import accumulation_steps
     from knowlip.launch import slurm
-    from knowlip.train.entry import SlurmTrain
+    from knowlip.train.rank_main import SlurmTrain
 
     cluster_overrides, overrides = _split_cluster_overrides(args.overrides)
     profile = slurm.load_profile(args.cluster, cluster_overrides)
@@ -271,18 +272,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from knowlip.eval.zero_shot import format_report, run_eval
-    from knowlip.launch.local import init_plain_process_group, rank_env, resolve_device
+    from knowlip.distributed import init_plain_process_group
+    from knowlip.launch.local import rank_env, resolve_device
     from knowlip.text.tokenizer import CaptionTokenizer
     from knowlip.train.export import load_model
 
-    renv = rank_env()
-    device = resolve_device("auto", renv.local_rank if renv else 0)
-    if renv is not None and renv.world_size > 1:
-        init_plain_process_group(renv, "nccl" if device.type == "cuda" else "gloo")
+    ranks = rank_env()
+    device = resolve_device("auto", ranks.local_rank if ranks else 0)
+    if ranks is not None and ranks.world_size > 1:
+        init_plain_process_group(ranks, "nccl" if device.type == "cuda" else "gloo")
     model, tokenizer, cfg = load_model(args.source, device)
     text = CaptionTokenizer(tokenizer, cfg.data.max_text_len)
     result = run_eval(model, args.shards, text, cfg.norm, device, torch.float32, args.batch_size, args.fields)
-    if renv is None or renv.rank == 0:
+    if ranks is None or ranks.rank == 0:
         print(format_report(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
@@ -385,15 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a checkpoint (or run folder) -> safetensors + config + tokenizer")
     p.add_argument("source", help="a checkpoint folder, or a run folder (its newest complete checkpoint)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default=EXPORT_DTYPES[0], choices=EXPORT_DTYPES, help="weights' dtype in the export")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="zero-shot retrieval and clause classification on held-out shards")
     p.add_argument("source", help="a checkpoint, an export folder or a run folder (its newest checkpoint)")
     p.add_argument("--shards", required=True, help="held-out shard folder (index.json)")
     p.add_argument("--json", help="write the full result here")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--fields", nargs="+", default=["water", "terrain"], help="clauses to classify by")
+    p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="chips embedded at a time")
+    p.add_argument("--fields", nargs="+", default=EvalConfig().fields, help="clauses to classify by")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ckpt", help="list and convert checkpoints")
@@ -420,11 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep = dsub.add_parser("replay", help="print the sample keys each rank gets at each step (one JSON line a step)")
     rep.add_argument("shards", help="a folder holding index.json")
     rep.add_argument("--world-size", type=int, default=1)
-    rep.add_argument("--workers", type=int, default=0, help="loader workers per rank")
+    rep.add_argument("--workers", type=int, default=DataConfig.num_workers, help="loader workers per rank")
     rep.add_argument("--batch-size", type=int, required=True, help="per-rank batch size")
     rep.add_argument("--epochs", type=int, default=1)
-    rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--shuffle-block", type=int, default=8192)
+    rep.add_argument("--seed", type=int, default=DataConfig.seed)
+    rep.add_argument("--shuffle-block", type=int, default=DataConfig.shuffle_block)
     rep.add_argument("--keep-last", action="store_true", help="keep the smaller last step instead of dropping it")
     rep.add_argument("--stop-after-steps", type=int, help="stop after N global steps (simulates an interruption)")
     rep.add_argument("--save-state", help="write the loader state here when stopping")

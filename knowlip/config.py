@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from knowlip.choices import ATTENTION_BACKENDS, CAPTION_FIELDS, MODEL_SIZES, SAR_PRODUCTS
 
 
 class ConfigError(ValueError):
@@ -276,19 +277,19 @@ class KnowlipConfig:
 # ----------------------------------------------------------------------------------------------------------
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "synth.products": ("intensity", "amplitude", "db", "complex", "dn"),
-    "pack.read.product": ("auto", "intensity", "amplitude", "db", "complex", "dn"),
+    "synth.products": SAR_PRODUCTS,
+    "pack.read.product": ("auto", *SAR_PRODUCTS),
     "pack.missing_caption": ("skip", "geo_only"),
     "norm.mode": ("scale", "standardise"),
     "norm.out_dtype": ("float32", "bfloat16"),
-    "model.size": ("tiny", "base", "large"),
-    "model.attention": ("auto", "flash_attn", "sdpa", "reference"),
+    "model.size": MODEL_SIZES,
+    "model.attention": ATTENTION_BACKENDS,
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "bf16_weights", "fp32"),
     "train.engine": ("deepspeed", "plain"),
     "model.losses.itc_columns": ("momentum", "online"),
     "dist.backend": ("auto", "gloo", "nccl"),
-    "eval.fields": ("terrain", "functionality", "distribution", "layout", "boundary", "buildings", "roads", "water"),
+    "eval.fields": CAPTION_FIELDS,
 }
 
 
@@ -447,17 +448,23 @@ def _check_ranges(cfg: DictConfig) -> None:
         raise ConfigError(f"bad value for 'model.queue_size': {queue} must be at least 1 (or null for the preset)")
 
 
-def accumulation_steps(cfg: DictConfig, world_size: int) -> int:
-    """Micro-batches per optimiser step; fails (before any process group exists) when the global batch cannot
-    be split evenly over `world_size` ranks of data.batch_size samples."""
+def global_batch(cfg: DictConfig, world_size: int) -> tuple[int, int]:
+    """(samples per optimiser step over all ranks, micro-batches per step): the one place the batch arithmetic
+    is done. Fails (before any process group exists) when train.global_batch_size cannot be split evenly over
+    `world_size` ranks of data.batch_size samples."""
     per_pass = cfg.data.batch_size * world_size
     gbs = cfg.train.global_batch_size
     if gbs is None:
-        return 1
+        return per_pass, 1
     if gbs % per_pass:
         raise ConfigError(f"train.global_batch_size={gbs} cannot be split over {world_size} rank(s) x "
                           f"data.batch_size={cfg.data.batch_size}: it must be a multiple of {per_pass}")
-    return gbs // per_pass
+    return gbs, gbs // per_pass
+
+
+def accumulation_steps(cfg: DictConfig, world_size: int) -> int:
+    """Micro-batches per optimiser step (see global_batch)."""
+    return global_batch(cfg, world_size)[1]
 
 
 def schedule_steps(value: float, total_steps: int) -> int:

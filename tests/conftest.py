@@ -65,7 +65,7 @@ def tiny_train_base(synth_shards, tmp_path_factory) -> list[str]:
     (96 chips, 12 global steps of 2 x 4 per epoch), one tokenizer built once."""
     from knowlip.data.shards import load_index
     from knowlip.text.tokenizer import train_wordpiece
-    from knowlip.train.trainer import shard_captions
+    from knowlip.data.loader import shard_captions
 
     tok = tmp_path_factory.mktemp("tok") / "tokenizer"
     train_wordpiece(shard_captions(load_index(synth_shards)), tok, 300)

@@ -10,7 +10,7 @@ from conftest import make_config
 from knowlip.model.scio import choose_variants, repair_ids
 from knowlip.text.caption import FIELDS, make_caption
 from knowlip.text.tokenizer import CaptionTokenizer, train_wordpiece, load_tokenizer
-from knowlip.train import scio
+from knowlip.train import scio_loop as scio
 
 CLAUSES = {"terrain": "a vegetated lowland", "functionality": "natural vegetation", "distribution": "vegetation in "
            "the north", "layout": "scattered settlements", "boundary": "gradual transitions", "buildings":

@@ -397,6 +397,12 @@ def _check_uniform(index: ShardIndex) -> None:
                          "product kind into its own shard folder")
 
 
+def shard_captions(index: ShardIndex) -> list[str]:
+    """Every caption of a shard folder (one pass, chips not decoded), for training a tokenizer."""
+    loader = StreamingLoader(index, batch_size=256, drop_last=False, decode_chip=False)
+    return [c for batch in loader for c in batch["captions"]]
+
+
 def build_loader(data_cfg, rank: int = 0, world_size: int = 1, tokenizer: Callable | None = None,
                  pin_memory: bool = False, index: ShardIndex | None = None) -> StreamingLoader:
     """The loader described by a `data` config section (pin_memory when batches go to a GPU; `index` when the

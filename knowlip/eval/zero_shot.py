@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from knowlip.config import EvalConfig
 from knowlip.data.loader import StreamingLoader
+from knowlip.distributed import all_gather_objects, get_world_size, rank_and_world
 from knowlip.eval.metrics import classification_metrics, retrieval_metrics
 from knowlip.ops.sar_norm import normalise_batch
 from knowlip.text.caption import FIELDS, CaptionError, clause_text, parse_caption
 
-DEFAULT_FIELDS = ("water", "terrain")
+DEFAULT_FIELDS = tuple(EvalConfig().fields)
 
 
 @dataclass
@@ -63,10 +64,9 @@ def _clauses(caption: str, key: str) -> dict[str, str]:
 
 def gather(e: Embeddings) -> Embeddings:
     """Every rank's embeddings, in rank order, on every rank."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if get_world_size() == 1:
         return e
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (e.image, e.text, e.clauses))
+    parts = all_gather_objects((e.image, e.text, e.clauses))
     return Embeddings(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                       [c for p in parts for c in p[2]])
 
@@ -90,7 +90,7 @@ def run_eval(model, shards, text_tokenizer, norm_cfg, device, dtype, batch_size:
              fields=DEFAULT_FIELDS) -> dict:
     """Embed the shards (a folder or a loaded ShardIndex) over this job's ranks, gather, evaluate (the same result
     on every rank)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     loader = eval_loader(shards, batch_size, text_tokenizer, rank, world)
     return evaluate(model, gather(embed(model, loader, norm_cfg, device, dtype)), text_tokenizer, device, fields)
 

@@ -67,14 +67,6 @@ def rank_env(environ: Mapping[str, str] = os.environ) -> RankEnv | None:
     return None
 
 
-def init_plain_process_group(renv: RankEnv, backend: str) -> None:
-    """torch.distributed without DeepSpeed (evaluation): env:// rendezvous from the rank environment."""
-    import torch.distributed as dist
-
-    renv.export()
-    dist.init_process_group(backend, init_method="env://", rank=renv.rank, world_size=renv.world_size)
-
-
 def resolve_device(name: str = "auto", local_rank: int = 0) -> "torch.device":
     """train.device (auto | cpu | cuda) for the local rank: its own GPU when there is one."""
     import torch

@@ -19,8 +19,10 @@ import torch
 import torch.utils.checkpoint
 import torch.nn.functional as F
 
+from knowlip.choices import ATTENTION_BACKENDS
+
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "flash_attn", "sdpa", "reference")
+BACKENDS = ATTENTION_BACKENDS
 
 
 @lru_cache(maxsize=1)

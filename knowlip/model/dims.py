@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from knowlip.choices import MODEL_SIZES
+
 
 @dataclass(frozen=True)
 class VisionDims:
@@ -35,13 +37,12 @@ class ModelDims:
     queue_size: int = 57_600
 
 
-PRESETS: dict[str, ModelDims] = {
-    "tiny": ModelDims(VisionDims(patch=8, dim=64, depth=2, heads=2, image_size=64),
-                      TextDims(dim=64, layers=2, heads=2, intermediate=128, max_positions=256),
-                      embed_dim=32, queue_size=256),
-    "base": ModelDims(VisionDims(), TextDims()),
-    "large": ModelDims(VisionDims(dim=1024, depth=24, heads=16, drop_path=0.1), TextDims()),
-}
+PRESETS: dict[str, ModelDims] = dict(zip(MODEL_SIZES, (
+    ModelDims(VisionDims(patch=8, dim=64, depth=2, heads=2, image_size=64),  # tiny
+              TextDims(dim=64, layers=2, heads=2, intermediate=128, max_positions=256), embed_dim=32, queue_size=256),
+    ModelDims(VisionDims(), TextDims()),  # base
+    ModelDims(VisionDims(dim=1024, depth=24, heads=16, drop_path=0.1), TextDims()),  # large
+), strict=True))
 
 
 def preset(name: str, image_size: int | None = None, queue_size: int | None = None, text_dropout: float | None = None,

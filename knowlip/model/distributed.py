@@ -1,16 +1,12 @@
-"""Collectives the losses need, written so that one process without a process group just works."""
+"""The autograd-aware gathers the contrastive losses need (one process without a process group just works;
+the process group itself and the plain collectives live in knowlip.distributed)."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-
-def world(group=None) -> tuple[int, int]:
-    """(rank, world size) in `group`; (0, 1) without an initialised process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+from knowlip.distributed import rank_and_world as world
 
 
 def _check_equal_sizes(x: torch.Tensor, group) -> None:

@@ -16,7 +16,7 @@ import torch
 
 @dataclass
 class ScioBatch:
-    """What the model needs for one batch in phases 2 and 3 (built by knowlip.train.scio)."""
+    """What the model needs for one batch in phases 2 and 3 (built by knowlip.train.scio_loop)."""
 
     phase: int
     variant_ids: torch.Tensor  # (B, K, L) each caption without clause k

@@ -22,9 +22,11 @@ from typing import Sequence
 
 import torch
 
+from knowlip.choices import SAR_PRODUCTS
+
 log = logging.getLogger(__name__)
 
-PRODUCT_CODES = {"intensity": 0, "amplitude": 1, "db": 2, "complex": 3, "dn": 4}
+PRODUCT_CODES = {product: code for code, product in enumerate(SAR_PRODUCTS)}  # kernels/sar_norm.cuh's kinds
 MAX_CHANNELS = 8
 IN_FLOAT, IN_COMPLEX_FLOAT, IN_COMPLEX_INT16, IN_UINT16 = range(4)
 
@@ -241,15 +243,20 @@ def kernel_fields(p: NormParams) -> dict:
             "mode": 0 if p.mode == "scale" else 1}
 
 
-def batch_params(norm_cfg, batch: dict) -> NormParams:
-    """NormParams for a loader batch (its chips share product and polarisations: the loader checks that)."""
-    meta = batch["meta"][0]
-    return params_from_config(norm_cfg, meta["polarisations"], meta["product"], meta.get("calibration_gain"))
-
-
-def normalise_batch(batch: dict, norm_cfg, device, dtype: torch.dtype,
-                    params: NormParams | None = None) -> torch.Tensor:
-    """A loader batch's raw chips -> normalised images on `device` (never on the CPU when the device is a GPU);
-    `params` default to the batch's own (batch_params)."""
+def normalise_batch(batch: dict, norm_cfg, device, dtype: torch.dtype) -> torch.Tensor:
+    """A loader batch's raw chips -> normalised images on `device` (never on the CPU when the device is a GPU).
+    Each chip is normalised by its own product kind, polarisations and gain (its metadata): a shard folder may
+    mix scenes of several kinds that share a dtype (intensity and dB are both float32), so one batch may too."""
     chips = batch["chips"].to(device, non_blocking=True)
-    return sar_normalize(chips, params or batch_params(norm_cfg, batch))[0].to(dtype)
+    groups: dict[tuple, list[int]] = {}
+    for i, meta in enumerate(batch["meta"]):
+        key = (meta["product"], tuple(meta["polarisations"]), meta.get("calibration_gain"))
+        groups.setdefault(key, []).append(i)
+    if len(groups) == 1:
+        ((product, pols, gain),) = groups
+        return sar_normalize(chips, params_from_config(norm_cfg, pols, product, gain))[0].to(dtype)
+    out = torch.empty(tuple(chips.shape[:4]), dtype=dtype, device=chips.device)
+    for (product, pols, gain), rows in groups.items():
+        rows = torch.tensor(rows, device=chips.device)
+        out[rows] = sar_normalize(chips[rows], params_from_config(norm_cfg, pols, product, gain))[0].to(dtype)
+    return out

@@ -22,7 +22,9 @@ import rasterio.windows
 from affine import Affine
 from rasterio.errors import RasterioIOError
 
-PRODUCTS = ("intensity", "amplitude", "db", "complex", "dn")
+from knowlip.choices import SAR_PRODUCTS
+
+PRODUCTS = SAR_PRODUCTS
 POLARISATIONS = ("VV", "VH", "HH", "HV")
 TIFF_SUFFIXES = (".tif", ".tiff", ".gtiff")
 

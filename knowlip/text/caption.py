@@ -11,19 +11,21 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from knowlip.choices import CAPTION_FIELDS
+
 # (field, template prefix), in caption order.
-CLAUSES: tuple[tuple[str, str], ...] = (
-    ("terrain", "The terrain is classified as"),
-    ("functionality", "The area functionality is described as"),
-    ("distribution", "Functional distribution:"),
-    ("layout", "Spatial layout:"),
-    ("boundary", "Boundary features:"),
-    ("buildings", "Building presence:"),
-    ("roads", "Road presence:"),
-    ("water", "Water presence:"),
-)
+CLAUSES: tuple[tuple[str, str], ...] = tuple(zip(CAPTION_FIELDS, (
+    "The terrain is classified as",
+    "The area functionality is described as",
+    "Functional distribution:",
+    "Spatial layout:",
+    "Boundary features:",
+    "Building presence:",
+    "Road presence:",
+    "Water presence:",
+), strict=True))
 GEO_FIELD, GEO_PREFIX = "geo", "Located at"
-FIELDS = tuple(f for f, _ in CLAUSES)
+FIELDS = CAPTION_FIELDS
 _PREFIX = dict(CLAUSES) | {GEO_FIELD: GEO_PREFIX}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -62,6 +62,18 @@ def load_tokenizer(path: str | Path):
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing})
     return tok
+
+
+def run_tokenizer(configured: str | None, folder: Path, captions: Callable[[], Iterable[str]], vocab_size: int,
+                  trains_here: bool, wait: Callable[[], None]):
+    """The tokenizer of a training run: `configured` (model.tokenizer) when set; else the run's own WordPiece in
+    `folder`, trained once on `captions()` by the process with `trains_here` while the others `wait`."""
+    if configured:
+        return load_tokenizer(configured)
+    if trains_here and not (Path(folder) / "tokenizer.json").is_file():
+        train_wordpiece(captions(), folder, vocab_size)
+    wait()
+    return load_tokenizer(folder)
 
 
 class CaptionTokenizer:

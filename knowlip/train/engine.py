@@ -3,8 +3,7 @@ train.zero_stage), or plain torch in one process
 (`PlainEngine`, for debugging and as the baseline of bench/train_step.py). Both expose the same small API:
 
     forward(...) / backward(loss) / step() -> grad norm / skip_step() / set_lr(lr) / momentum_update()
-    save(folder) / load(folder, universal) / momentum_state() / load_momentum_state(state)
-    all_reduce_max(values) / all_reduce_sum(values)
+    save(folder, tag) / load(folder, tag) / momentum_state() / load_momentum_state(state)
 
 The traps of ZeRO-3 this module handles (../shared/notes/zero3-patterns.md):
 - DeepSpeed clips gradients at 1.0 unless told otherwise: `gradient_clipping` is always set, from train.grad_clip.
@@ -16,24 +15,20 @@ The traps of ZeRO-3 this module handles (../shared/notes/zero3-patterns.md):
 
 from __future__ import annotations
 
-import datetime
 import logging
-import os
-import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from knowlip.config import ConfigError
-from knowlip.launch.local import RankEnv
+from knowlip.config import ConfigError, global_batch
+from knowlip.distributed import get_rank, get_world_size
 from knowlip.model.sar_knowlip import ema_update
+from knowlip.train.checkpoint import ENGINE_TAG, plain_engine_file
 
 log = logging.getLogger(__name__)
 
 OPTIMIZER_BETAS = (0.9, 0.98)
-PLAIN_FILE = "engine/plain_engine.pt"
 # DeepSpeed keys that knowlip derives from its own config; the `deepspeed:` section may not set them.
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
               "gradient_clipping", "optimizer", "scheduler")
@@ -79,7 +74,7 @@ def deepspeed_config(cfg, world_size: int, accumulation: int, bf16: bool, univer
     ours = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": accumulation,
-        "train_batch_size": cfg.data.batch_size * accumulation * world_size,
+        "train_batch_size": global_batch(cfg, world_size)[0],
         "gradient_clipping": float(cfg.train.grad_clip),  # explicit: DeepSpeed's default is 1.0, not off
         # Overlap the gradient reduction with backward: DeepSpeed's default at stage 3, not below it.
         "zero_optimization": {"stage": stage, "overlap_comm": True},
@@ -92,74 +87,7 @@ def deepspeed_config(cfg, world_size: int, accumulation: int, bf16: bool, univer
     return deep_merge(ours, user)
 
 
-def _silence_shm_comm() -> None:
-    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (~95 s) at its first init. gloo is
-    correct without it, so skip the build (cpu-stack.md)."""
-    import importlib
-
-    # importlib, not `import deepspeed.comm.torch as m`: that name resolves to the torch package itself
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-
-def init_process_group(renv: RankEnv, device: torch.device, backend: str, timeout_s: int) -> None:
-    """torch.distributed through DeepSpeed's comm layer: nccl on GPUs, gloo on CPU."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(renv.local_rank)
-    else:
-        _silence_shm_comm()
-    renv.export()
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                               verbose=False)
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-class _DistMixin:
-    """Where this engine sits, and the one collective the step needs (no-ops in one process)."""
-
-    device: torch.device
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank() if dist.is_initialized() else 0
-
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size() if dist.is_initialized() else 1
-
-    def all_reduce_max(self, values: list[float]) -> list[float]:
-        return self._all_reduce(values, dist.ReduceOp.MAX)
-
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        return self._all_reduce(values, dist.ReduceOp.SUM)
-
-    def _all_reduce(self, values: list[float], op) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(t, op=op)
-        return t.tolist()
-
-
-class PlainEngine(_DistMixin):
+class PlainEngine:
     """One process, torch AdamW: the reference the ZeRO-3 engine is compared with. Precision: float32; bf16
     autocast (float32 weights, bf16 matmuls); or bf16 weights (`bf16_weights`: the model's weights and
     activations in bf16 as ZeRO-3's bf16 mode keeps them, float32 master weights in the optimiser and float32
@@ -175,7 +103,7 @@ class PlainEngine(_DistMixin):
         self.compute_dtype = torch.bfloat16 if bf16 or bf16_weights else torch.float32
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not bf16_weights else None
         self.masters: dict[torch.nn.Parameter, torch.Tensor] = {}  # bf16 weight -> its float32 master
-        self.momentum = WholeMomentum(model, fp32_accumulators=bf16_weights)  # before the cast: exact
+        self.momentum = ReplicatedMomentum(model, fp32_accumulators=bf16_weights)  # before the cast: exact
         groups = param_groups(model, cfg.train.weight_decay)
         if bf16_weights:
             self.masters = {p: p.detach().float().clone() for g in groups for p in g["params"]}
@@ -226,20 +154,22 @@ class PlainEngine(_DistMixin):
         for p in self.masters:
             p.grad = None
 
-    def save(self, folder: Path) -> None:
-        (folder / "engine").mkdir(parents=True, exist_ok=True)
+    def save(self, folder: Path, tag: str = ENGINE_TAG) -> None:
+        path = plain_engine_file(folder, tag)
+        path.parent.mkdir(parents=True, exist_ok=True)
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.masters:  # the float32 truth behind the bf16 weights
             names = {p: n for n, p in self.module.named_parameters()}
             state["masters"] = {names[p]: m for p, m in self.masters.items()}
             state["ema32"] = {names[p]: a for p, a in self.momentum.ema32.items()}
-        torch.save(state, folder / PLAIN_FILE)
+        torch.save(state, path)
 
     @torch.no_grad()
-    def load(self, folder: Path, universal: bool = False) -> None:
-        state = torch.load(folder / PLAIN_FILE, map_location=self.device, weights_only=False)
+    def load(self, folder: Path, tag: str = ENGINE_TAG) -> None:
+        path = plain_engine_file(folder, tag)
+        state = torch.load(path, map_location=self.device, weights_only=False)
         if self.masters and "masters" not in state:
-            raise ValueError(f"{folder / PLAIN_FILE}: written without bf16 weights (train.precision); resume it "
+            raise ValueError(f"{path}: written without bf16 weights (train.precision); resume it "
                              "with the precision it was trained with")
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -258,7 +188,7 @@ class PlainEngine(_DistMixin):
         self.momentum.load_state(state)
 
 
-class WholeMomentum:
+class ReplicatedMomentum:
     """The momentum (EMA) weights where this process holds them whole: the plain engine, and every rank under
     ZeRO-1/2 (ZeRO-3 holds partitions: ZeroEngine updates those itself). With bf16 weights the update runs in
     float32 accumulators (`ema32`; 0.005 x a step is below bf16's resolution) and is rounded into the weights."""
@@ -266,35 +196,35 @@ class WholeMomentum:
     def __init__(self, model: torch.nn.Module, fp32_accumulators: bool):
         self.model, self.pairs = model, list(model.momentum_pairs())
         self.named = _momentum_named(model)
-        self.ema32 = {pm: pm.detach().float().clone() for _, pm in self.pairs} if fp32_accumulators else {}
+        self.ema32 = {ema_param: ema_param.detach().float().clone() for _, ema_param in self.pairs} if fp32_accumulators else {}
 
     @torch.no_grad()
     def update(self, masters: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> None:
         """`masters`: the online weights' float32 masters where the optimiser keeps them apart (the plain
         engine's bf16 weights); otherwise the update reads the online weights themselves."""
         online = [masters[p] if masters else p.detach().float() for p, _ in self.pairs]
-        moving = [pm for _, pm in self.pairs]
+        moving = [ema_param for _, ema_param in self.pairs]
         ema_update(moving, online, self.model.loss_cfg.momentum,
-                   [self.ema32[pm] for pm in moving] if self.ema32 else None)
+                   [self.ema32[ema_param] for ema_param in moving] if self.ema32 else None)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {name: self.ema32.get(pm, pm).detach().float().cpu().clone() for name, pm in self.named}
+        return {name: self.ema32.get(ema_param, ema_param).detach().float().cpu().clone() for name, ema_param in self.named}
 
     @torch.no_grad()
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        for name, pm in self.named:
-            pm.copy_(state[name])
+        for name, ema_param in self.named:
+            ema_param.copy_(state[name])
             if self.ema32:
-                self.ema32[pm].copy_(state[name])
+                self.ema32[ema_param].copy_(state[name])
 
 
 def _momentum_named(model) -> list[tuple[str, torch.nn.Parameter]]:
     """The frozen momentum copies, by their name in the model."""
-    ids = {id(pm) for _, pm in model.momentum_pairs()}
+    ids = {id(ema_param) for _, ema_param in model.momentum_pairs()}
     return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
 
 
-class ZeroEngine(_DistMixin):
+class ZeroEngine:
     """DeepSpeed ZeRO over the initialised process group, at stage train.zero_stage. Stage 3 partitions the
     weights (each rank holds a slice; DeepSpeed gathers a module's weights around every call of it); stages 1
     and 2 keep the weights whole on every rank and partition the optimiser state (2: the gradients too), so a
@@ -312,14 +242,14 @@ class ZeroEngine(_DistMixin):
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                       betas=OPTIMIZER_BETAS)
-        self.config = deepspeed_config(cfg, self.world_size, accumulation, bf16, universal)
+        self.config = deepspeed_config(cfg, get_world_size(), accumulation, bf16, universal)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.config, dist_init_required=False)
         self.module = self.engine.module
         self._micro = 0
         # Below stage 3 every rank holds the momentum weights whole, as the plain engine does.
-        self.whole = WholeMomentum(self.module, fp32_accumulators=bf16) if self.stage < 3 else None
-        if self.whole is None:
+        self.replicated = ReplicatedMomentum(self.module, fp32_accumulators=bf16) if self.stage < 3 else None
+        if self.replicated is None:
             self._build_ema_state()
 
     # -- the step ----------------------------------------------------------------------------------------
@@ -373,79 +303,78 @@ class ZeroEngine(_DistMixin):
     def _build_ema_state(self) -> None:
         """ZeRO-3: fp32 accumulators of the momentum partitions (and of the full copy of persistent parameters)."""
         self._ema = []
-        for p, pm in self.module.momentum_pairs():
-            exact = pm.ds_tensor.dtype == torch.float32
-            part32 = None if exact else pm.ds_tensor.detach().float().clone()
-            full32 = None if exact or not _is_persistent(pm) else pm.data.detach().float().clone()
-            self._ema.append((p, pm, part32, full32))
+        for p, ema_param in self.module.momentum_pairs():
+            exact = ema_param.ds_tensor.dtype == torch.float32
+            partition_fp32 = None if exact else ema_param.ds_tensor.detach().float().clone()
+            full_fp32 = None if exact or not _is_persistent(ema_param) else ema_param.data.detach().float().clone()
+            self._ema.append((p, ema_param, partition_fp32, full_fp32))
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """pm <- m pm + (1 - m) p on what this rank holds (no communication): below stage 3 the whole weights;
+        """ema_param <- m ema_param + (1 - m) p on what this rank holds (no communication): below stage 3 the whole weights;
         at stage 3 its partitions, and the full copy that ZeRO-3 keeps of persistent (small) parameters, which
         forward reads instead of the partition."""
-        if self.whole is not None:
-            self.whole.update()
+        if self.replicated is not None:
+            self.replicated.update()
             return
         m = self.module.loss_cfg.momentum
-        for p, pm, part32, full32 in self._ema:
-            if part32 is None:
-                pm.ds_tensor.mul_(m).add_(p.ds_tensor, alpha=1 - m)
+        for p, ema_param, partition_fp32, full_fp32 in self._ema:
+            if partition_fp32 is None:
+                ema_param.ds_tensor.mul_(m).add_(p.ds_tensor, alpha=1 - m)
             else:
-                part32.mul_(m).add_(p.ds_tensor.float(), alpha=1 - m)
-                pm.ds_tensor.copy_(part32)
-            if _is_persistent(pm):
-                if full32 is None:
-                    pm.data.mul_(m).add_(p.data, alpha=1 - m)
+                partition_fp32.mul_(m).add_(p.ds_tensor.float(), alpha=1 - m)
+                ema_param.ds_tensor.copy_(partition_fp32)
+            if _is_persistent(ema_param):
+                if full_fp32 is None:
+                    ema_param.data.mul_(m).add_(p.data, alpha=1 - m)
                 else:
-                    full32.mul_(m).add_(p.data.float(), alpha=1 - m)
-                    pm.data.copy_(full32)
+                    full_fp32.mul_(m).add_(p.data.float(), alpha=1 - m)
+                    ema_param.data.copy_(full_fp32)
 
     def momentum_state(self) -> dict[str, torch.Tensor]:
         """The full fp32 momentum weights on rank 0 (other ranks get {}); at stage 3 gathered from every rank's
         partition (a collective)."""
-        if self.whole is not None:
-            return self.whole.state() if self.rank == 0 else {}
+        if self.replicated is not None:
+            return self.replicated.state() if get_rank() == 0 else {}
         out = {}
-        names = {id(pm): n for n, pm in _momentum_named(self.module)}
-        for p, pm, part32, _ in self._ema:
-            part = (pm.ds_tensor if part32 is None else part32).detach().float()
-            parts = [torch.empty_like(part) for _ in range(self.world_size)]
+        names = {id(ema_param): n for n, ema_param in _momentum_named(self.module)}
+        for p, ema_param, partition_fp32, _ in self._ema:
+            part = (ema_param.ds_tensor if partition_fp32 is None else partition_fp32).detach().float()
+            parts = [torch.empty_like(part) for _ in range(get_world_size())]
             dist.all_gather(parts, part.contiguous())
-            if self.rank == 0:
-                out[names[id(pm)]] = torch.cat(parts)[: pm.ds_numel].view(pm.ds_shape).cpu()
+            if get_rank() == 0:
+                out[names[id(ema_param)]] = torch.cat(parts)[: ema_param.ds_numel].view(ema_param.ds_shape).cpu()
         return out
 
     @torch.no_grad()
     def load_momentum_state(self, state: dict[str, torch.Tensor]) -> None:
         """Every rank writes what it holds of the full weights (read from the shared checkpoint folder)."""
-        if self.whole is not None:
-            self.whole.load_state(state)
+        if self.replicated is not None:
+            self.replicated.load_state(state)
             return
-        names = {id(pm): n for n, pm in _momentum_named(self.module)}
+        names = {id(ema_param): n for n, ema_param in _momentum_named(self.module)}
         self._build_ema_state()
-        for p, pm, part32, full32 in self._ema:
-            full = state[names[id(pm)]].float().reshape(-1)
-            size = pm.ds_tensor.numel()
+        for p, ema_param, partition_fp32, full_fp32 in self._ema:
+            full = state[names[id(ema_param)]].float().reshape(-1)
+            size = ema_param.ds_tensor.numel()
             chunk = torch.zeros(size, dtype=torch.float32)
-            piece = full[self.rank * size : (self.rank + 1) * size]
+            piece = full[get_rank() * size : (get_rank() + 1) * size]
             chunk[: piece.numel()] = piece
-            pm.ds_tensor.copy_(chunk.to(pm.ds_tensor.device))
-            if part32 is not None:
-                part32.copy_(chunk.to(part32.device))
-            if _is_persistent(pm):
-                pm.data.copy_(full.view(pm.ds_shape).to(pm.data.device, pm.data.dtype))
-                if full32 is not None:
-                    full32.copy_(full.view(pm.ds_shape).to(full32.device))
+            ema_param.ds_tensor.copy_(chunk.to(ema_param.ds_tensor.device))
+            if partition_fp32 is not None:
+                partition_fp32.copy_(chunk.to(partition_fp32.device))
+            if _is_persistent(ema_param):
+                ema_param.data.copy_(full.view(ema_param.ds_shape).to(ema_param.data.device, ema_param.data.dtype))
+                if full_fp32 is not None:
+                    full_fp32.copy_(full.view(ema_param.ds_shape).to(full_fp32.device))
 
     # -- checkpoint files ------------------------------------------------------------------------------
 
-    def save(self, folder: Path) -> None:
-        """DeepSpeed's sharded files (every rank writes its partitions) under folder/engine."""
-        self.engine.save_checkpoint(str(folder), tag="engine", client_state={}, save_latest=False)
+    def save(self, folder: Path, tag: str = ENGINE_TAG) -> None:
+        """DeepSpeed's sharded files (every rank writes its partitions) under folder/tag."""
+        self.engine.save_checkpoint(str(folder), tag=tag, client_state={}, save_latest=False)
 
-    def load(self, folder: Path, universal: bool = False) -> None:
-        tag = "universal" if universal else "engine"
+    def load(self, folder: Path, tag: str = ENGINE_TAG) -> None:
         path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:

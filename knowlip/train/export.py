@@ -11,15 +11,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
+from knowlip.choices import EXPORT_DTYPES
 from knowlip.train import checkpoint as ckpt
 
 WEIGHTS = "model.safetensors"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = dict(zip(EXPORT_DTYPES, (torch.float32, torch.bfloat16), strict=True))
 
 
 def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -32,15 +32,14 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # it prints a lot
-            weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine")
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=ckpt.ENGINE_TAG)
     else:
-        from knowlip.train.engine import PLAIN_FILE
-
-        state = torch.load(path / PLAIN_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt.plain_engine_file(path), map_location="cpu", weights_only=False)
         weights = {**state["module"], **state.get("masters", {})}  # bf16 weights: their float32 masters
     weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
-    weights.update(torch.load(path / "momentum.pt", map_location="cpu"))
-    weights.update(torch.load(path / "state.pt", map_location="cpu", weights_only=False)["buffers"])
+    components, momentum = ckpt.load_global_state(path)
+    weights.update(momentum)
+    weights.update(components["buffers"])
     return weights
 
 
@@ -58,9 +57,7 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32") 
     tmp = out / (WEIGHTS + ".tmp")
     save_file(cast, str(tmp), metadata={"source": str(path), "dtype": dtype})
     tmp.replace(out / WEIGHTS)
-    shutil.copyfile(path / "config.yaml", out / "config.yaml")
-    if (out / "tokenizer").resolve() != (path / "tokenizer").resolve():
-        shutil.copytree(path / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    ckpt.copy_for_export(path, out)
     meta = ckpt.read_meta(path)
     (out / "export.json").write_text(json.dumps({"checkpoint": str(path), "step": meta["step"], "dtype": dtype,
                                                  "tensors": len(cast)}, indent=1))
@@ -72,13 +69,13 @@ def load_model(source: str | Path, device: str | torch.device = "cpu"):
     from knowlip.config import load_config
 
     source = Path(source)
-    if (source / WEIGHTS).is_file() and (source / "config.yaml").is_file() and not (source / "checkpoints").is_dir():
+    if (source / WEIGHTS).is_file() and (source / ckpt.CONFIG).is_file() and not (source / "checkpoints").is_dir():
         model, tokenizer = load_exported(source, device)
-        return model, tokenizer, load_config(source / "config.yaml")
+        return model, tokenizer, load_config(source / ckpt.CONFIG)
     path = ckpt.resolve_checkpoint(source)
     model, tokenizer = _build(path)
     model.load_state_dict(consolidated_state_dict(path))
-    return model.to(device).eval(), tokenizer, load_config(path / "config.yaml")
+    return model.to(device).eval(), tokenizer, load_config(path / ckpt.CONFIG)
 
 
 def _build(folder: Path):
@@ -86,8 +83,8 @@ def _build(folder: Path):
     from knowlip.model.build import build_model
     from knowlip.text.tokenizer import load_tokenizer
 
-    cfg = load_config(folder / "config.yaml", ["model.pretrained_text=null", "model.pretrained_vision=null"])
-    tokenizer = load_tokenizer(folder / "tokenizer")
+    cfg = load_config(folder / ckpt.CONFIG, ["model.pretrained_text=null", "model.pretrained_vision=null"])
+    tokenizer = load_tokenizer(folder / ckpt.TOKENIZER)
     return build_model(cfg.model, tokenizer), tokenizer
 
 

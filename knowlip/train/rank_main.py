@@ -12,11 +12,11 @@ from knowlip.launch.slurm import SlurmTask
 from knowlip.train.trainer import Trainer, TrainingStopped
 
 
-def train_rank(cfg, renv: RankEnv | None, stop: StopRequest) -> tuple[int, str]:
+def train_rank(cfg, ranks: RankEnv | None, stop: StopRequest) -> tuple[int, str]:
     """Train (or resume) on this rank. Returns (exit code, outcome): outcome is "finished" (the end, or
     train.stop_at: the job is over either way), "stopped" (a signal; every rank saved: Slurm requeues) or
     "failed"."""
-    trainer = Trainer(cfg, renv, stop)
+    trainer = Trainer(cfg, ranks, stop)
     last = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
     if trainer.step >= last:
         if trainer.rank == 0:
@@ -38,10 +38,10 @@ def train_rank(cfg, renv: RankEnv | None, stop: StopRequest) -> tuple[int, str]:
         else:
             print(f"trained {result['steps']} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in "
                   f"{result['metrics']}, weights and tokenizer in {cfg.run_dir}")
-        if trainer.tracker is not None:
+        if trainer.tracking.run_id is not None:
             from knowlip.track.mlflow_tracker import ui_command
 
-            print(f"MLflow run {trainer.tracker.run_id}; to browse it: {ui_command(cfg)}")
+            print(f"MLflow run {trainer.tracking.run_id}; to browse it: {ui_command(cfg)}")
     return 0, outcome
 
 
@@ -61,10 +61,10 @@ class SlurmTrain(SlurmTask):
             f.write(self.config_yaml)
             f.flush()
             cfg = load_config(f.name)  # validated again, on the node
-        renv = rank_env()
-        logging.basicConfig(level=logging.INFO if renv is None or renv.rank == 0 else logging.WARNING,
+        ranks = rank_env()
+        logging.basicConfig(level=logging.INFO if ranks is None or ranks.rank == 0 else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        code, outcome = train_rank(cfg, renv, stop)
+        code, outcome = train_rank(cfg, ranks, stop)
         if code != 0:
-            raise RuntimeError(f"training failed on rank {renv.rank if renv else 0} (exit code {code}); see the log")
+            raise RuntimeError(f"training failed on rank {ranks.rank if ranks else 0} (exit code {code}); see the log")
         return outcome

@@ -1,0 +1,105 @@
+"""What a training run reports as it goes: throughput over the logging window, the rows of metrics.jsonl
+(rank 0 only), the progress bar, and the rule that a resumed run continues the same metrics file."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+class Throughput:
+    """Throughput over the window since the last log line: samples/s, TFLOP/s, MFU, data-wait share."""
+
+    def __init__(self, flops_per_sample: int, peak: float | None, world_size: int):
+        self.flops_per_sample, self.peak, self.world_size = flops_per_sample, peak, world_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start, self.samples, self.data_time, self._fetch = time.perf_counter(), 0, 0.0, time.perf_counter()
+
+    def fetch_started(self) -> None:
+        self._fetch = time.perf_counter()
+
+    def fetched(self, samples: int) -> None:
+        self.data_time += time.perf_counter() - self._fetch
+        self.samples += samples * self.world_size
+
+    def window(self) -> dict:
+        """samples/s and TFLOP/s of the whole job; MFU per device."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        flops = self.flops_per_sample * self.samples / elapsed
+        out = {"samples_per_s": round(self.samples / elapsed, 2), "tflops_per_s": round(flops / 1e12, 4),
+               "mfu": round(flops / self.world_size / self.peak, 4) if self.peak else None,
+               "data_time_share": round(self.data_time / elapsed, 3)}
+        self._reset()
+        return out
+
+
+def memory_use(device: torch.device) -> dict:
+    """Peak GPU memory, or the host's peak RSS on CPU, in GiB."""
+    if device.type == "cuda":
+        return {"max_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3), "mem_kind": "gpu_peak"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"max_mem_gib": round(rss, 3), "mem_kind": "host_rss"}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """A resumed run continues the same metrics.jsonl: rows past the checkpoint's step (logged before a crash
+    and about to be redone) are dropped."""
+    if not path.is_file():
+        return
+    rows = path.read_text().splitlines()
+    keep = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+    if len(keep) != len(rows):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(r + "\n" for r in keep))
+        tmp.replace(path)
+
+
+class MetricsFile:
+    """metrics.jsonl, appended to by rank 0 only."""
+
+    def __init__(self, path: Path, active: bool):
+        self.path, self.active, self.file = path, active, None
+
+    def __enter__(self):
+        if self.active:
+            self.file = self.path.open("a")
+        return self
+
+    def write(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
+
+
+class ProgressBar:
+    """A progress bar on rank 0: step, loss, samples/s and ETA."""
+
+    def __init__(self, total: int, initial: int, active: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, disable=not active, unit="step", file=sys.stderr,
+                        mininterval=1.0, dynamic_ncols=True, desc="train")
+        self.last = time.perf_counter()
+
+    def update(self, values: dict, samples: int) -> None:
+        now = time.perf_counter()
+        rate, self.last = samples / max(now - self.last, 1e-9), now
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{rate:.1f}", refresh=False)
+        self.bar.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
