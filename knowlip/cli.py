@@ -295,10 +295,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_ckpt_ls(args: argparse.Namespace) -> int:
     import time
 
-    from knowlip.train.checkpoint import list_checkpoints
+    from knowlip.train.checkpoint import CHECKPOINTS_DIR, list_checkpoints
 
     root = Path(args.run_dir)
-    infos = list_checkpoints(root / "checkpoints") or list_checkpoints(root)
+    infos = list_checkpoints(root / CHECKPOINTS_DIR) or list_checkpoints(root)
     if not infos:
         print(f"no checkpoints in {root}")
         return 1

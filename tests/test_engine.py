@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, deepspeed_zero_stage, losses
+from helpers import REPO, deepspeed_zero_stage, losses
 from knowlip.launch.local import spawn_local_ranks
 from knowlip.train.checkpoint import list_checkpoints, read_meta
 from knowlip.train.export import consolidated_state_dict, export_checkpoint, load_exported

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import REPO, make_config
+from helpers import REPO, make_config
 from knowlip.config import ConfigError, accumulation_steps, config_hash, load_config
 from knowlip.launch.local import first_slurm_host, rank_env
 from knowlip.train import checkpoint as ckpt

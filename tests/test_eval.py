@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_config
+from helpers import make_config
 from knowlip.eval.metrics import chance_recall, classification_metrics, first_hit_ranks, retrieval_metrics
 from knowlip.launch.local import spawn_local_ranks
 
@@ -47,16 +47,14 @@ def test_classification_accuracy_recall_and_confusion():
 
 
 @pytest.fixture(scope="module")
-def trained(synth_shards, tmp_path_factory):
+def trained(synth_shards, tiny_in_process_base, tmp_path_factory):
     """A tiny model trained a few steps in process (plain engine) and exported."""
     from knowlip.train.export import export_checkpoint
     from knowlip.train.trainer import Trainer
 
     run = tmp_path_factory.mktemp("evalrun")
-    cfg = make_config(run, f"data.shards={synth_shards}", "data.batch_size=8", "data.max_text_len=64",
-                      "model.image_size=32", "model.queue_size=16", "train.steps=6", "train.log_every=2",
-                      "train.tokenizer_vocab=300", "train.engine=plain", "train.progress=false",
-                      f"eval.shards={synth_shards}", "eval.every=3", "eval.batch_size=20")
+    cfg = make_config(run, *tiny_in_process_base, "train.steps=6", "train.log_every=2", f"eval.shards={synth_shards}",
+                      "eval.every=3", "eval.batch_size=20")
     Trainer(cfg).train()
     export_checkpoint(run, run / "export")
     return run

@@ -7,7 +7,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from conftest import make_config
+from helpers import make_config
 from knowlip.data.pack import pack
 from knowlip.sar.geotiff import SarReadError, iter_chips, open_scene
 

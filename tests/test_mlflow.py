@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import losses
+from helpers import free_port, losses
 from knowlip.track.mlflow_tracker import RUN_FILE, flatten, numeric
 
 pytestmark = pytest.mark.integration
@@ -70,12 +70,6 @@ def test_default_store_one_run_across_stop_and_resume(tiny_train_base, tmp_path)
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id,
                                                                                                           "report")}
     assert {"config.yaml", "deepspeed_config.json", "report/losses.png", "report/summary.md"} <= artifacts
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

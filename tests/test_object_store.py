@@ -19,19 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_config
+from helpers import assert_same_weights, free_port, make_config, straight_and_resumed
 from knowlip.data.loader import StreamingLoader
 from knowlip.data.shards import ShardError, load_index
 from knowlip.data.storage import StorageError, StorageOptions, coalesce
 
 BUCKET = "knowlip-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -204,21 +198,18 @@ def test_loader_from_s3_gives_the_local_batches_and_resumes_exactly(s3_shards, s
     assert back.epoch == 1 and keys_by_step(back) == keys_by_step(resumed)  # epoch 1: disk == bucket
 
 
-def test_train_tiny_from_s3_and_resume_equals_training_from_disk(s3_shards, synth_shards, tmp_path):
+def test_train_tiny_from_s3_and_resume_equals_training_from_disk(s3_shards, synth_shards, tiny_in_process_base,
+                                                                 tmp_path):
+    """Run a trains straight from disk; run b from S3, stopped at step 3 and resumed."""
     from knowlip.train.trainer import Trainer
 
-    common = ["data.batch_size=8", "data.max_text_len=64", "model.image_size=32", "model.queue_size=16",
-              "train.steps=8", "train.log_every=100", "train.tokenizer_vocab=300", "train.engine=plain",
-              "train.progress=false"]
-    disk = Trainer(make_config(tmp_path / "disk", f"data.shards={synth_shards}", *common))
-    disk.train()
-    first = Trainer(make_config(tmp_path / "s3", f"data.shards={s3_shards}", *common))
-    assert first.train(until=3)["stopped"] == "stop_at"
-    resumed = Trainer(make_config(tmp_path / "s3", f"data.shards={s3_shards}", *common))
-    assert resumed.step == 3
-    resumed.train()
-    a, b = disk.model.state_dict(), resumed.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    def trainer_in(run: str) -> Trainer:
+        shards = synth_shards if run == "a" else s3_shards
+        return Trainer(make_config(tmp_path / run, *tiny_in_process_base, f"data.shards={shards}", "train.steps=8",
+                                   "train.log_every=100"))
+
+    disk, resumed = straight_and_resumed(trainer_in, stop_at=3)
+    assert_same_weights(disk.model, resumed.model)
 
 
 def test_a_flaky_server_is_retried_without_losing_or_repeating_a_sample(s3_endpoint, s3_shards, synth_shards):

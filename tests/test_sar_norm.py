@@ -173,3 +173,25 @@ def test_invalid_pixel_matrix_on_the_reference(odd):
         assert torch.equal(valid, case.expected_valid), case.name
         assert torch.isfinite(out).all(), case.name
         assert (out[~valid] == case.params.fill).all() and (out[valid] != case.params.fill).all(), case.name
+
+
+def test_a_folder_mixing_intensity_and_db_chips_is_normalised_per_chip(tmp_path):
+    """Intensity and dB chips are both float32, so the loader lets them share a batch; each chip must be
+    normalised as its own product kind (the trainer once took the first batch's kind for the whole run)."""
+    from helpers import make_config
+    from knowlip.data.loader import StreamingLoader
+    from knowlip.data.pack import pack
+    from knowlip.ops.sar_norm import normalise_batch
+    from knowlip.sar.synth import synthesise_from_config
+
+    cfg = make_config(tmp_path, "synth.num_scenes=2", "synth.size=64", "synth.products=[intensity,db]",
+                      "pack.chip.size=32", "pack.chip.stride=32")
+    synthesise_from_config(cfg)
+    pack(cfg)
+    batch = next(iter(StreamingLoader(tmp_path / "shards", batch_size=8, drop_last=False)))
+    products = [m["product"] for m in batch["meta"]]
+    assert sorted(set(products)) == ["db", "intensity"], products
+    images = normalise_batch(batch, cfg.norm, torch.device("cpu"), torch.float32)
+    for i, product in enumerate(products):  # float64 numpy, each chip as what it is
+        expected, _ = oracle(batch["chips"][i : i + 1].numpy(), product == "db", [VV])
+        np.testing.assert_allclose(images[i : i + 1].numpy(), expected, atol=1e-5)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_config
+from helpers import make_config, straight_and_resumed
 from knowlip.model.scio import choose_variants, repair_ids
 from knowlip.text.caption import FIELDS, make_caption
 from knowlip.text.tokenizer import CaptionTokenizer, train_wordpiece, load_tokenizer
@@ -102,16 +102,12 @@ def test_phase_2_reconstructs_the_filtered_caption_and_phase_3_repairs_only_the_
     assert torch.equal(seen["ids"], repaired)  # all three losses train on the repaired caption
 
 
-def test_a_resume_inside_phase_2_reproduces_the_same_filtered_captions(synth_shards, tmp_path):
+def test_a_resume_inside_phase_2_reproduces_the_same_filtered_captions(tiny_in_process_base, tmp_path):
     from knowlip.train.trainer import Trainer
 
-    overrides = [f"data.shards={synth_shards}", "data.batch_size=8", "data.max_text_len=96", "model.image_size=32",
-                 "model.queue_size=16", "train.steps=6", "train.tokenizer_vocab=300", "train.engine=plain",
-                 "train.progress=false", "scio.phase_starts=[0.2,0.9]", "scio.samples_every=1",
-                 "scio.samples_per_write=8"]
-    Trainer(make_config(tmp_path / "a", *overrides)).train()
-    assert Trainer(make_config(tmp_path / "b", *overrides)).train(until=3)["stopped"] == "stop_at"
-    Trainer(make_config(tmp_path / "b", *overrides)).train()
+    overrides = [*tiny_in_process_base, "data.max_text_len=96", "train.steps=6", "scio.phase_starts=[0.2,0.9]",
+                 "scio.samples_every=1", "scio.samples_per_write=8"]
+    straight_and_resumed(lambda run: Trainer(make_config(tmp_path / run, *overrides)), stop_at=3)
     straight, resumed = ((tmp_path / d / "scio_samples.jsonl").read_text() for d in "ab")
     assert resumed == straight
     records = [json.loads(line) for line in straight.splitlines()]

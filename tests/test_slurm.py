@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, job_id_of, losses, wait_for_steps
+from helpers import REPO, job_id_of, losses, wait_for_steps
 from knowlip.launch import slurm
 
 CLI = [sys.executable, "-m", "knowlip.cli"]
@@ -161,7 +161,7 @@ def test_requeue_limit_ends_the_job_failed_and_jobs_says_why(tiny_train_base, tm
 @pytest.mark.integration
 @pytest.mark.usefixtures("cluster")
 def test_pack_as_a_slurm_array_equals_a_local_pack(tmp_path):
-    from conftest import make_config
+    from helpers import make_config
     from knowlip.sar.synth import synthesise_from_config
 
     synthesise_from_config(make_config(tmp_path, "synth.num_scenes=4", "synth.size=96"))

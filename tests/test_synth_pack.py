@@ -7,7 +7,7 @@ import numpy as np
 import rasterio
 import webdataset as wds
 
-from conftest import make_config
+from helpers import make_config
 from knowlip.data.pack import pack
 from knowlip.data.shards import load_index
 from knowlip.sar.synth import synthesise_from_config

@@ -10,15 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, make_config
+from helpers import REPO, assert_same_weights, make_config, straight_and_resumed
 from knowlip.train.trainer import Trainer
 
 
-def test_tiny_model_loss_falls_over_a_few_dozen_cpu_steps(synth_shards, tmp_path):
-    cfg = make_config(tmp_path, f"data.shards={synth_shards}", "data.batch_size=8", "data.max_text_len=96",
-                      "model.image_size=32", "model.queue_size=16", "train.steps=36", "train.lr=1e-3",
-                      "train.warmup_steps=3", "train.log_every=6", "train.alpha_ramp_steps=1",
-                      "train.tokenizer_vocab=400", "train.engine=plain")
+def test_tiny_model_loss_falls_over_a_few_dozen_cpu_steps(tiny_in_process_base, tmp_path):
+    cfg = make_config(tmp_path, *tiny_in_process_base, "data.max_text_len=96", "train.steps=36", "train.lr=1e-3",
+                      "train.warmup_steps=3", "train.log_every=6", "train.alpha_ramp_steps=1")
     result = Trainer(cfg).train()
     losses = np.array([h["loss"] for h in result["history"]])
     recon = np.array([h["loss_recon"] for h in result["history"]])
@@ -67,22 +65,16 @@ train: {{steps: 4, log_every: 2, tokenizer_vocab: 300}}
     assert "already finished: 4 of 4 steps" in again.stdout
 
 
-def test_resume_mid_epoch_is_bit_exact(synth_shards, tmp_path):
+def test_resume_mid_epoch_is_bit_exact(tiny_in_process_base, tmp_path):
     """10 steps straight == 4 steps, a checkpoint, a fresh trainer resuming from it (resume=auto), 6 more."""
-    import torch
 
-    overrides = [f"data.shards={synth_shards}", "data.batch_size=8", "data.max_text_len=64", "model.image_size=32",
-                 "model.queue_size=16", "train.steps=10", "train.log_every=100", "train.tokenizer_vocab=300",
-                 "train.engine=plain", "train.progress=false"]
-    straight = Trainer(make_config(tmp_path / "a", *overrides))
-    straight.train()
-    first = Trainer(make_config(tmp_path / "b", *overrides))
-    assert first.train(until=4)["stopped"] == "stop_at"  # as if preempted: a checkpoint at step 4
-    resumed = Trainer(make_config(tmp_path / "b", *overrides))
-    assert resumed.step == 4 and resumed.loader.state_dict()["cursor"] == first.loader.state_dict()["cursor"] > 0
-    resumed.train()
-    a, b = straight.model.state_dict(), resumed.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    def same_cursor(first, resumed):
+        assert resumed.loader.state_dict()["cursor"] == first.loader.state_dict()["cursor"] > 0
+
+    straight, resumed = straight_and_resumed(
+        lambda run: Trainer(make_config(tmp_path / run, *tiny_in_process_base, "train.steps=10", "train.log_every=100")),
+        stop_at=4, on_resume=same_cursor)
+    assert_same_weights(straight.model, resumed.model)
 
 
 @pytest.mark.parametrize("override,match", [("model.in_channels=2", r"chips have \[1\] channel"),
@@ -93,14 +85,12 @@ def test_data_that_cannot_feed_the_model_fails_at_start(synth_shards, tmp_path, 
 
 
 @pytest.mark.parametrize("precision", ["bf16", "bf16_weights"])
-def test_bf16_steps_run_on_cpu_and_resume(synth_shards, tmp_path, precision):
+def test_bf16_steps_run_on_cpu_and_resume(tiny_in_process_base, tmp_path, precision):
     """The GPU's precision paths (bf16 autocast; bf16 weights with float32 masters), exercised on the CPU:
     stopped at step 2, resumed to 4; the export holds float32 weights (bf16_weights: the masters)."""
     from safetensors.torch import load_file
 
-    overrides = [f"data.shards={synth_shards}", "data.batch_size=8", "data.max_text_len=64", "model.image_size=32",
-                 "model.queue_size=16", "train.steps=4", f"train.precision={precision}", "norm.out_dtype=bfloat16",
-                 "train.tokenizer_vocab=300", "train.engine=plain", "train.progress=false"]
+    overrides = [*tiny_in_process_base, "train.steps=4", f"train.precision={precision}", "norm.out_dtype=bfloat16"]
     assert Trainer(make_config(tmp_path, *overrides)).train(until=2)["stopped"] == "stop_at"
     trainer = Trainer(make_config(tmp_path, *overrides))
     assert trainer.step == 2

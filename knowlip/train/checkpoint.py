@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+CHECKPOINTS_DIR = "checkpoints"  # in the run folder, unless ckpt.dir says elsewhere
 PREFIX = "step_"
 PARTIAL = ".partial"
 LATEST = "latest"
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_root(cfg) -> Path:
-    return Path(cfg.ckpt.dir) if cfg.ckpt.dir else Path(cfg.run_dir) / "checkpoints"
+    return Path(cfg.ckpt.dir) if cfg.ckpt.dir else Path(cfg.run_dir) / CHECKPOINTS_DIR
 
 
 def checkpoint_name(step: int) -> str:
@@ -125,7 +126,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if read_meta(path) is not None:
         return path
-    for root in (path / "checkpoints", path):
+    for root in (path / CHECKPOINTS_DIR, path):
         found = latest_complete(root)
         if found is not None:
             return found

@@ -69,7 +69,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu"):
     from knowlip.config import load_config
 
     source = Path(source)
-    if (source / WEIGHTS).is_file() and (source / ckpt.CONFIG).is_file() and not (source / "checkpoints").is_dir():
+    if (source / WEIGHTS).is_file() and (source / ckpt.CONFIG).is_file() and not (source / ckpt.CHECKPOINTS_DIR).is_dir():
         model, tokenizer = load_exported(source, device)
         return model, tokenizer, load_config(source / ckpt.CONFIG)
     path = ckpt.resolve_checkpoint(source)

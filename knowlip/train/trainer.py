@@ -60,6 +60,7 @@ class Trainer:
     def __init__(self, cfg, ranks: RankEnv | None = None, stop: StopRequest | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
         ranks = ranks or RankEnv(0, 1, 0, 1, "127.0.0.1", free_port())
         if cfg.train.engine == "plain" and ranks.world_size > 1:
             raise ValueError("train.engine=plain runs one process; use train.engine=deepspeed for several ranks")
@@ -134,7 +135,7 @@ class Trainer:
             if saved_config and config_hash(saved_config) != config_hash(self.cfg):
                 self.resume_changes = config_changes(saved_config, self.cfg)
                 log.warning("resuming %s with a changed config: %s", path, ", ".join(self.resume_changes) or "(hash only)")
-            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            truncate_metrics(self.metrics_path, self.step)
             print(f"knowlip: resumed from {path} at step {self.step} (epoch {self.loader.epoch}, cursor "
                   f"{self.loader.cursor}){' via its universal form' if universal else ''}", file=sys.stderr)
         self.resumed_from = path
@@ -221,7 +222,7 @@ class Trainer:
         history: list[dict] = []
         stopped, saved = None, None
         batches = self.batches()
-        with MetricsFile(self.run_dir / "metrics.jsonl", self.rank == 0) as metrics, \
+        with MetricsFile(self.metrics_path, self.rank == 0) as metrics, \
                 ProgressBar(cfg.train.steps, self.step, self.rank == 0 and cfg.train.progress) as bar:
             while self.step < last and stopped is None:
                 micro = []
@@ -257,7 +258,7 @@ class Trainer:
             export_checkpoint(saved or resolve_checkpoint(self.run_dir), self.run_dir)
         barrier()
         return {"steps": self.step, "history": history, "stopped": stopped, "checkpoint": saved,
-                "flops_per_sample": meter.flops_per_sample, "metrics": str(self.run_dir / "metrics.jsonl")}
+                "flops_per_sample": meter.flops_per_sample, "metrics": str(self.metrics_path)}
 
     def evaluate_if_due(self) -> dict[str, float]:
         """Zero-shot evaluation on eval.shards every eval.every steps and at the end (all ranks take part)."""
