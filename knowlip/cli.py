@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 from knowlip.choices import EXPORT_DTYPES
 from knowlip.config import ConfigError, DataConfig, EvalConfig, load_config, to_yaml
 from knowlip.launch.slurm import SlurmError
+from knowlip.redact import redact_text
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -27,7 +28,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if overrides and "=" not in overrides[0] and path is None:  # `knowlip config show FILE key=value`
         path, overrides = overrides[0], overrides[1:]
-    print(to_yaml(load_config(path, overrides)), end="")
+    print(to_yaml(load_config(path, overrides), resolve=True), end="")
     return 0
 
 
@@ -120,10 +121,9 @@ def _train_command(args: argparse.Namespace) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """One entry point: a rank of a torchrun/Slurm job, or the launcher of `dist.nproc_per_node` local ranks."""
-    import logging
-
     from knowlip.config import accumulation_steps
     from knowlip.launch.local import local_rank_count, rank_env, spawn_local_ranks
+    from knowlip.logging_setup import configure_logging
 
     cfg = _config(args)  # a bad config fails here, before any process or process group
     ranks = rank_env()
@@ -132,8 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         accumulation_steps(cfg, nproc)
         if nproc > 1:
             return spawn_local_ranks(nproc, _train_command(args))
-    level = logging.INFO if ranks is None or ranks.rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(ranks is None or ranks.rank == 0)
     return _train_rank(cfg, ranks)
 
 
@@ -152,7 +151,7 @@ def _split_cluster_overrides(overrides: Sequence[str]) -> tuple[list[str], list[
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit training to Slurm with submitit; the config and the request are checked before sbatch."""
-    from knowlip.config import accumulation_steps
+    from knowlip.config import accumulation_steps, check_no_literal_secrets
     from knowlip.launch import slurm
     from knowlip.train.rank_main import SlurmTrain
 
@@ -162,6 +161,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     accumulation_steps(cfg, profile.nodes * profile.tasks_per_node)  # global batch fits the world size
     run_dir = Path(cfg.run_dir).resolve()
     cfg = load_config(args.config, overrides + [f"run_dir={run_dir}", "resume=auto"])
+    check_no_literal_secrets(cfg, "the Slurm job")
     slurm.apply_environment(profile)
     task = SlurmTrain(to_yaml(cfg), run_dir, profile.max_requeues)
     entry = slurm.submit(task, profile, job_name=args.name or f"knowlip-{run_dir.name}")
@@ -170,7 +170,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if cfg.mlflow.enabled:
         from knowlip.track.mlflow_tracker import tracking_uri
 
-        print(f"  MLflow: {tracking_uri(cfg)[0]}, experiment {cfg.mlflow.experiment!r} (the run id appears in "
+        print(f"  MLflow: {redact_text(tracking_uri(cfg)[0])}, experiment {cfg.mlflow.experiment!r} (the run id appears in "
               f"{run_dir / 'mlflow.json'} and `knowlip jobs` once the job starts; requeues continue that run)")
     if not args.wait:
         return 0
@@ -446,13 +446,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        print(f"config error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except SlurmError as exc:
-        print(f"slurm: {exc}", file=sys.stderr)
+        print(f"slurm: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:  # FileNotFoundError, StorageError (naming the URL), ShardError
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 1
 
 

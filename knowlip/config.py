@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from knowlip.choices import ATTENTION_BACKENDS, CAPTION_FIELDS, MODEL_SIZES, SAR_PRODUCTS
+from knowlip.redact import literal_secrets, redact_tree
 
 
 class ConfigError(ValueError):
@@ -109,6 +110,9 @@ class StorageConfig:
     backoff_s: float = 0.2  # first wait before a retry; doubles each time (with jitter), at most 10 s
     coalesce_gap_bytes: int = 1048576  # samples of one shard closer than this are read in one request
     requests_in_flight: int = 8  # concurrent range requests per loader process
+    # fsspec protocols allowed beside file, s3, gs and az (and their aliases), e.g. ["http"]: a config names
+    # every other place a job may read from or write to.
+    extra_protocols: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -334,8 +338,26 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+def public_tree(cfg: DictConfig, resolve: bool = True) -> dict:
+    """The config as a plain dict with every secret masked (knowlip.redact): what may be printed, logged, sent
+    to MLflow or written."""
+    return redact_tree(OmegaConf.to_container(cfg, resolve=resolve))
+
+
+def to_yaml(cfg: DictConfig, resolve: bool = False) -> str:
+    """The config as YAML, secrets masked. Interpolations (`${oc.env:...}`) stay as written, to be resolved
+    where the config is loaded again (the job's node); `resolve=True` shows their values (`config show`)."""
+    return OmegaConf.to_yaml(OmegaConf.create(public_tree(cfg, resolve)))
+
+
+def check_no_literal_secrets(cfg: DictConfig, what: str) -> None:
+    """Refuse a config whose secrets are written out where `what` would carry them to disk (a Slurm job's
+    pickle): they must come from the environment of the job."""
+    found = literal_secrets(OmegaConf.to_container(cfg, resolve=False))
+    if found:
+        raise ConfigError(f"'{found[0]}' holds a secret written out, and {what} would write it to disk: give it "
+                          f"from the environment instead, e.g. {found[0]}='${{oc.env:NAME}}' with NAME set where "
+                          "you submit (Slurm passes your environment to the job)")
 
 
 def _check_keys(schema: DictConfig, layer: DictConfig, source: str, prefix: str) -> None:
@@ -474,8 +496,8 @@ def schedule_steps(value: float, total_steps: int) -> int:
 
 def run_identity(cfg: DictConfig | dict) -> dict:
     """The config as a plain dict, less what may change between a run and its resume (how many ranks, where it
-    resumes from, where it stops, the progress bar)."""
-    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(cfg)
+    resumes from, where it stops, the progress bar, credentials: rotating a key is not a config change)."""
+    plain = public_tree(cfg) if isinstance(cfg, DictConfig) else redact_tree(copy.deepcopy(cfg))
     for key in ("resume", "dist"):
         plain.pop(key, None)
     plain["train"].pop("stop_at", None)

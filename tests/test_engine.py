@@ -30,9 +30,9 @@ def base(tiny_train_base) -> list[str]:
 
 
 def train(run_dir: Path, base: list[str], *overrides: str, nproc: int = 2, env: dict | None = None,
-          check: bool = True) -> subprocess.CompletedProcess:
+          check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     cmd = CLI + ["train", f"run_dir={run_dir}", f"dist.nproc_per_node={nproc}", *base, *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -258,8 +258,12 @@ def test_zero2_resumes_at_another_world_size_keeps_the_training_state(zero2, bas
 
 
 def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(base, tmp_path):
+    """Ranks that stopped agreeing (one skips, the other steps) would wait in mismatched collectives: a short
+    collective timeout turns that into a fast failure of this test instead of a hang."""
+    fast = ["dist.timeout_s=30"]
     run = tmp_path / "run"
-    train(run, base, "train.steps=4", "ckpt.every=1", "ckpt.keep=5", env={"KNOWLIP_FAULT_NAN_STEPS": "3"})
+    train(run, base, "train.steps=4", "ckpt.every=1", "ckpt.keep=5", *fast, env={"KNOWLIP_FAULT_NAN_STEPS": "3"},
+          timeout=180)
     rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     assert rows[3]["loss"] is None and rows[3]["nonfinite_skipped"] == 1 and rows[4]["nonfinite_in_a_row"] == 0
     assert rows[4]["loss"] is not None
@@ -267,8 +271,8 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(base, tmp_pat
     trainable = [k for k in two if k.split(".")[0] in ("vision", "text", "vision_proj", "text_proj", "itm_head")]
     assert all(torch.equal(two[k], three[k]) for k in trainable)  # no update at step 3, on either rank
 
-    stuck = train(tmp_path / "stuck", base, "train.max_nonfinite_in_a_row=2", env={"KNOWLIP_FAULT_NAN_STEPS": "2-9"},
-                  check=False)
+    stuck = train(tmp_path / "stuck", base, "train.max_nonfinite_in_a_row=2", *fast,
+                  env={"KNOWLIP_FAULT_NAN_STEPS": "2-9"}, check=False, timeout=180)
     assert stuck.returncode == 3 and "2 non-finite losses in a row" in stuck.stderr
     assert [c.step for c in list_checkpoints(tmp_path / "stuck/checkpoints") if c.complete] == [3]
 

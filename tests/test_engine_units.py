@@ -136,6 +136,18 @@ def test_checkpoints_publish_atomically_keep_the_newest_and_skip_incomplete(tmp_
     assert json.loads((root / "step_00000008/meta.json").read_text())["bytes"] == 100
 
 
+def test_a_partial_folder_is_never_complete_even_with_a_complete_meta(tmp_path):
+    """A save killed between writing meta.json and the rename: the folder still ends in .partial, so the
+    previous checkpoint stays the one to resume."""
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root, 2)
+    partial = _fake_checkpoint(root, 4, complete=False)
+    meta = json.loads((root / "step_00000002/meta.json").read_text())
+    (partial / "meta.json").write_text(json.dumps({**meta, "step": 4}))
+    assert ckpt.latest_complete(root).name == "step_00000002"
+    assert [c.complete for c in ckpt.list_checkpoints(root)] == [True, False]
+
+
 def test_activation_checkpointing_recomputes_to_the_same_loss_and_gradients():
     from knowlip.model.dims import preset
     from knowlip.model.sar_knowlip import SarKnowLIP, SpecialTokens

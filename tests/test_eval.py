@@ -30,6 +30,17 @@ def test_first_hit_rank_counts_any_relevant_candidate():
         first_hit_ranks(sim, torch.zeros(4, 4, dtype=torch.bool))
 
 
+def test_recall_at_k_stops_at_rank_k():
+    """First hits exactly at k and at k + 1 for every k: R@k counts the first, never the second."""
+    ranks = [1, 2, 5, 6, 10, 11]
+    sim = torch.arange(12, 0, -1, dtype=torch.float32).repeat(len(ranks), 1)  # every row ranks 0, 1, 2, ...
+    relevant = torch.zeros(len(ranks), 12, dtype=torch.bool)
+    relevant[torch.arange(len(ranks)), torch.tensor(ranks) - 1] = True
+    assert first_hit_ranks(sim, relevant).tolist() == ranks
+    m = retrieval_metrics(sim, relevant)
+    assert (m["r1"], m["r5"], m["r10"]) == (round(1 / 6, 4), round(3 / 6, 4), round(5 / 6, 4))
+
+
 def test_chance_recall_by_combinatorics():
     assert chance_recall(10, torch.tensor([1]), 5) == pytest.approx(0.5)
     assert chance_recall(10, torch.tensor([2]), 1) == pytest.approx(0.2)

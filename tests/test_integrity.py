@@ -116,3 +116,35 @@ def test_a_version_1_index_with_checksums_loads_and_still_catches_damage(shards)
     key = damage_chip(shard, member_number=2)
     keys, loader = all_keys(shards)
     assert key not in keys and loader.stats.skipped_by_cause == {"checksum": 1}
+
+
+def test_per_sample_damage_alone_fails_verify(shards):
+    """A sample table that disagrees with an intact tar (whose sha256 still matches): verify must not say OK."""
+    shard = sorted(shards.glob("shard-*.tar"))[1]
+    table_file = shard.with_name(shard.name.replace(".tar", ".idx.npy"))
+    table = np.load(table_file)
+    table["checksum"][4][1] ^= 1  # the recorded caption checksum of sample 4
+    np.save(table_file, table)
+    key = tar_members(shard)[4]["__key__"]
+    proc = verify(shards)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"damaged: {shard.name} sample 4 ({key}): txt bytes differ" in proc.stdout
+    assert "sha256 differs" not in proc.stdout and "DAMAGED: 1 samples, 0 shards" in proc.stdout
+
+
+def test_a_changed_caption_byte_is_named_and_skipped(shards):
+    """Damage outside the chip: one byte of a caption. Every member's checksum is compared, not the chip's only."""
+    shard = sorted(shards.glob("shard-*.tar"))[0]
+    sample = tar_members(shard)[2]
+    with tarfile.open(shard) as tar:
+        member = tar.getmember(f"{sample['__key__']}.txt")
+    with shard.open("r+b") as f:
+        f.seek(member.offset_data)
+        first = f.read(1)
+        f.seek(member.offset_data)
+        f.write(bytes([first[0] ^ 0x20]))  # a letter's case flipped: still a plausible caption
+    proc = verify(shards)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"damaged: {shard.name} sample 2 ({sample['__key__']}): txt bytes differ" in proc.stdout
+    keys, loader = all_keys(shards)
+    assert sample["__key__"] not in keys and loader.stats.skipped_by_cause == {"checksum": 1}

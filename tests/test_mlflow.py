@@ -25,6 +25,27 @@ def test_flatten_and_numeric_rows():
     assert numeric({"step": 3, "loss": 1.5, "ok": True, "mem_kind": "host_rss", "n": 2}) == {"loss": 1.5, "n": 2.0}
 
 
+# Secrets a user gives on the command line or through the environment: none may reach a file, a log or MLflow.
+SECRETS = {"key": "AKIAKNOWLIPTESTKEY1", "rotated": "AKIAKNOWLIPTESTKEY9", "secret": "knowlip-secret-value-2",
+           "env": "knowlip-env-token-3", "password": "knowlip-uri-password-4"}
+SECRET_ENV = {"KNOWLIP_TEST_TOKEN": SECRETS["env"]}
+
+
+def secret_overrides(key: str = SECRETS["key"]) -> list[str]:
+    return [f"storage.options.key={key}", f"storage.options.secret={SECRETS['secret']}",
+            "storage.options.session_token=${oc.env:KNOWLIP_TEST_TOKEN}"]
+
+
+def assert_no_secret_in(folder: Path, *outputs: str) -> None:
+    """Not one byte sequence of any secret in any file under `folder` (sqlite stores included) or output."""
+    for value in SECRETS.values():
+        for text in outputs:
+            assert value not in text, (value, text[-2000:])
+        for f in folder.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                assert value.encode() not in f.read_bytes(), f"{value} found in {f}"
+
+
 def train(run: Path, base: list[str], *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = CLI + ["train", f"run_dir={run}", "dist.nproc_per_node=2", *base, "mlflow.enabled=true",
                  "mlflow.system_interval_s=1", *extra]
@@ -44,13 +65,16 @@ def steps_of(client, run_id: str, key: str = "loss") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_default_store_one_run_across_stop_and_resume(tiny_train_base, tmp_path):
+def test_default_store_one_run_across_stop_and_resume(tiny_train_base, synth_shards, tmp_path):
+    """Also: secrets given by dotlist and by environment (a key rotated at the resume) reach nothing that is
+    printed or written (README "Security"), through train, resume, config show, export and eval."""
     run = tmp_path / "runs" / "tiny"
-    first = train(run, tiny_train_base, "train.stop_at=4")
+    first = train(run, tiny_train_base, "train.stop_at=4", *secret_overrides(), env=SECRET_ENV)
     client, run_id = client_for(run)
     assert json.loads((run / RUN_FILE).read_text())["tracking_uri"] == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     assert client.get_run(run_id).info.status == "KILLED"
-    second = train(run, tiny_train_base, "train.lr=0.0002")  # resumes, with a changed config
+    second = train(run, tiny_train_base, "train.lr=0.0002",  # resumes, with a changed config
+                   *secret_overrides(SECRETS["rotated"]), env=SECRET_ENV)
     assert f"MLflow run {run_id}" in second.stdout and "mlflow ui --backend-store-uri sqlite:///" in second.stdout
     assert client_for(run)[1] == run_id  # the same run, reopened
     r = client.get_run(run_id)
@@ -63,6 +87,8 @@ def test_default_store_one_run_across_stop_and_resume(tiny_train_base, tmp_path)
     assert r.data.params["train.lr"] == "0.0003"  # params keep the first value ...
     assert r.data.tags["knowlip.resumes"] == "1"  # ... the resume and the change are tags
     assert "train.lr" in r.data.tags["knowlip.resume.1.config_changes"]
+    assert "storage" not in r.data.tags["knowlip.resume.1.config_changes"]  # a rotated key is no config change
+    assert r.data.params["storage.options.key"] == "***"
     assert r.data.tags["knowlip.world_size"] == "2" and r.data.tags["knowlip.git_commit"] != ""
     assert steps_of(client, run_id, "event_checkpoint") == [4, 8]
     system = [k for k in r.data.metrics if k.startswith("system/")]
@@ -70,6 +96,15 @@ def test_default_store_one_run_across_stop_and_resume(tiny_train_base, tmp_path)
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id,
                                                                                                           "report")}
     assert {"config.yaml", "deepspeed_config.json", "report/losses.png", "report/summary.md"} <= artifacts
+    env = {**os.environ, **SECRET_ENV}
+    shown, exported, evaluated = (subprocess.run(CLI + args, capture_output=True, text=True, timeout=300, env=env)
+                                  for args in (["config", "show", *tiny_train_base, *secret_overrides()],
+                                               ["export", str(run), "--out", str(tmp_path / "export")],
+                                               ["eval", str(run), "--shards", str(synth_shards)]))
+    assert shown.returncode == exported.returncode == evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "key: '***'" in shown.stdout and "session_token: '***'" in shown.stdout  # resolved, then masked
+    assert "${oc.env:KNOWLIP_TEST_TOKEN}" in (run / "config.yaml").read_text()  # saved as written, resolved on load
+    assert_no_secret_in(tmp_path, *(p.stdout + p.stderr for p in (first, second, shown, exported, evaluated)))
 
 
 class MlflowServer:
@@ -117,8 +152,9 @@ def test_server_killed_mid_run_training_finishes_and_sync_completes_the_history(
                                                                                  tmp_path):
     run = tmp_path / "run"
     steps = 24
+    uri = server.uri.replace("://", f"://knowlip:{SECRETS['password']}@")  # a password in the URI stays unwritten
     cmd = CLI + ["train", f"run_dir={run}", "dist.nproc_per_node=2", *tiny_train_base, f"train.steps={steps}",
-                 "mlflow.enabled=true", f"mlflow.tracking_uri={server.uri}", "mlflow.retry_s=0.5",
+                 "mlflow.enabled=true", f"mlflow.tracking_uri={uri}", "mlflow.retry_s=0.5",
                  "mlflow.system_metrics=false"]
     # test hook: slow steps 4-20 down so that the outage falls inside the run
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -146,6 +182,7 @@ def test_server_killed_mid_run_training_finishes_and_sync_completes_the_history(
     assert steps_of(client, run_id) == list(range(1, steps + 1))  # nothing lost
     history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     assert history == pytest.approx(losses(run), rel=1e-6)
+    assert_no_secret_in(tmp_path, out, err, sync.stdout, sync.stderr)
 
 
 def test_run_page_in_headless_chromium_shows_the_loss_chart(server, tiny_train_base, tmp_path):

@@ -17,7 +17,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers import assert_same_weights, free_port, make_config, straight_and_resumed
 from knowlip.data.loader import StreamingLoader
@@ -85,7 +84,7 @@ class FaultyProxy:
                     fail = proxy.requests % fail_every == 0
                     proxy.failed += fail
                 if fail:
-                    code = "ServiceUnavailable" if status == 503 else "AccessDenied"
+                    code = {503: "ServiceUnavailable", 403: "AccessDenied", 404: "NoSuchKey"}[status]
                     payload = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
                     self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
@@ -246,6 +245,13 @@ def test_missing_objects_and_denied_access_fail_at_once_naming_the_url(s3_endpoi
         assert denied.requests == 1  # not retried
     finally:
         denied.close()
+    missing = FaultyProxy(s3_endpoint, fail_every=1, status=404)
+    try:
+        with pytest.raises(ShardError, match=rf"{s3_shards}/index.json: no shard index .*no such object"):
+            load_index(s3_shards, through(missing))
+        assert missing.requests == 1  # a 404 is final: not retried with backoff
+    finally:
+        missing.close()
 
 def test_a_shard_missing_from_the_bucket_is_named(s3_endpoint, synth_shards):
     import boto3

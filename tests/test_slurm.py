@@ -86,16 +86,21 @@ def cluster():
                    timeout=120)
 
 
-def knowlip(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def knowlip(cwd: Path, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("cluster")
 def test_submitted_job_trains_like_local_ranks(local_run, tiny_train_base, tmp_path):
+    """Also: a secret given through the environment resolves on the node (the job reads storage.options) and is
+    written nowhere: not in the submitit pickle, the Slurm logs or the run."""
     run = tmp_path / "run"
+    secret = "knowlip-slurm-secret-5"
     proc = knowlip(tmp_path, "submit", "--cluster", "local", "--wait", f"run_dir={run}", *tiny_train_base,
-                   "train.steps=16")
+                   "train.steps=16", "storage.options.secret=${oc.env:KNOWLIP_TEST_SECRET}",
+                   env={"KNOWLIP_TEST_SECRET": secret})
     job = job_id_of(proc)
     assert f"job {job} finished" in proc.stdout
     assert losses(run) == losses(local_run)  # same seed, same 2 ranks: the same numbers, bit for bit
@@ -104,6 +109,9 @@ def test_submitted_job_trains_like_local_ranks(local_run, tiny_train_base, tmp_p
     assert (row["state"], row["requeues"], row["step"]) == ("COMPLETED", 0, 16)
     log = knowlip(tmp_path, "logs", job, "--rank", "0").stdout
     assert "trained 16 steps" in log
+    assert list((tmp_path / "runs" / "slurm").rglob("*.pkl"))  # the folder searched holds the job's pickles
+    for f in tmp_path.rglob("*"):
+        assert not f.is_file() or secret.encode() not in f.read_bytes(), f
 
 
 @pytest.mark.integration
@@ -137,6 +145,9 @@ def test_impossible_requests_fail_at_submit_with_what_was_asked(tiny_train_base,
     assert proc.returncode == 2 and "100000 GB per node" in proc.stderr, proc.stderr
     proc = knowlip(tmp_path, "submit", "--cluster", "local", "cluster.partition=gpu", *tiny_train_base)
     assert proc.returncode == 2 and "partition 'gpu' does not exist" in proc.stderr, proc.stderr
+    proc = knowlip(tmp_path, "submit", "--cluster", "local", *tiny_train_base, "storage.options.secret=abc123")
+    assert proc.returncode == 2 and "'storage.options.secret' holds a secret written out" in proc.stderr, proc.stderr
+    assert "abc123" not in proc.stdout + proc.stderr
     assert not (tmp_path / "runs" / "slurm" / slurm.REGISTRY).exists()  # nothing reached sbatch
 
 

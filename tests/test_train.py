@@ -4,7 +4,6 @@ end (DeepSpeed ZeRO-3 on 2 gloo ranks). The ZeRO-3 engine's own tests are in tes
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -17,7 +17,12 @@
 # unshare -u, so each has its own host name), MariaDB, slurmdbd and slurmctld in node1's namespace. Clients
 # (sbatch, sinfo, `knowlip submit --cluster local2`) must run there: nsenter --net=/var/run/netns/knowlip-node1 CMD.
 # State defaults to /tmp/knowlip-slurm2.
+#
+# Safety on a shared machine: the state folder must be owned by this user (root) and writable by no one else,
+# else up.sh refuses it (another user could have planted a munge key or configs there); munged gets a new random
+# key each time it starts; the database password is generated (kept in $STATE/etc, mode 600), never a constant.
 set -euo pipefail
+trap 'echo "up.sh: failed (exit $?) at line $LINENO: $BASH_COMMAND${STATE:+; logs in $STATE/log}" >&2' ERR
 NODES=1
 while [ $# -gt 0 ]; do
   case $1 in
@@ -27,7 +32,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ "$NODES" = 1 ] || [ "$NODES" = 2 ] || { echo "up.sh: --nodes must be 1 or 2, not '$NODES'"; exit 2; }
-STATE=${KNOWLIP_SLURM_STATE:-/tmp/knowlip-slurm$([ "$NODES" = 2 ] && echo 2)}
+DEFAULT_STATE=/tmp/knowlip-slurm
+[ "$NODES" = 2 ] && DEFAULT_STATE=/tmp/knowlip-slurm2
+STATE=${KNOWLIP_SLURM_STATE:-$DEFAULT_STATE}
 PORT=${KNOWLIP_SLURM_PORT:-16817}  # slurmctld; slurmd, slurmdbd and MariaDB take the next three
 CTLD_PORT=$PORT D_PORT=$((PORT + 1)) DBD_PORT=$((PORT + 2)) DB_PORT=$((PORT + 3))
 CLUSTER=knowlip
@@ -45,6 +52,17 @@ wait_for() {  # wait_for SECONDS WHAT CMD...: poll until CMD succeeds
   echo "local Slurm: $what did not come up in time; logs in $STATE/log"; exit 1
 }
 
+if [ -L "$STATE" ]; then
+  echo "up.sh: $STATE is a symbolic link; refusing it (set KNOWLIP_SLURM_STATE to a folder of your own)" >&2; exit 2
+fi
+if [ -e "$STATE" ]; then
+  owner=$(stat -c %u "$STATE") mode=$(stat -c %a "$STATE")
+  if [ "$owner" != "$(id -u)" ] || [ $(( 8#$mode & 8#022 )) != 0 ]; then
+    echo "up.sh: $STATE belongs to uid $owner with mode $mode; it must be this user's ($(id -u)) and writable by" \
+      "no one else: remove it or set KNOWLIP_SLURM_STATE to a fresh folder" >&2
+    exit 2
+  fi
+fi
 mkdir -p "$STATE"/{etc,munge,munge-key,run,log,spool/ctld,spool/d,spool/d-node1,spool/d-node2}
 chmod 755 "$STATE"
 STATE=$(cd "$STATE" && pwd)
@@ -77,7 +95,7 @@ fi
 # --- munge ------------------------------------------------------------------------------------------------
 if ! alive "$STATE/munge/munged.pid"; then
   KEY=$STATE/munge-key/munge.key  # private; the socket's folder must be open to every user
-  [ -f "$KEY" ] || head -c 1024 /dev/urandom >"$KEY"
+  rm -f "$KEY" && head -c 1024 /dev/urandom >"$KEY"  # a new key each start: never one found lying there
   chown -R munge:munge "$STATE/munge" "$STATE/munge-key" && chmod 755 "$STATE/munge" && chmod 700 "$STATE/munge-key"
   chmod 400 "$KEY"
   rm -f "$SOCKET"
@@ -103,9 +121,18 @@ if ! alive "$STATE/run/mariadb.pid"; then
     --port="$DB_PORT" --bind-address=127.0.0.1 --log-error="$STATE/log/mariadb.log" >/dev/null 2>&1 </dev/null &
 fi
 wait_for 30 MariaDB mariadb -S "$DB_SOCKET" -u root -e "SELECT 1"
-mariadb -S "$DB_SOCKET" -u root -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
-  CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'knowlip';
-  GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+DB_PASS_FILE=$STATE/etc/db.pass  # slurmdbd's database password: new whenever slurmdbd (re)starts
+if ! alive "$STATE/run/slurmdbd.pid" || [ ! -s "$DB_PASS_FILE" ]; then
+  (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$DB_PASS_FILE")
+fi
+DB_PASS=$(cat "$DB_PASS_FILE")
+# on stdin, not the command line: other users see a process's arguments
+mariadb -S "$DB_SOCKET" -u root <<SQL
+CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+SQL
 
 # --- configs ----------------------------------------------------------------------------------------------
 NODE=$(slurmd -C | head -n 1)  # NodeName=... CPUs=... RealMemory=... as slurmd sees this machine
@@ -166,7 +193,7 @@ StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
 StoragePort=$DB_PORT
 StorageUser=slurm
-StoragePass=knowlip
+StoragePass=$DB_PASS
 StorageLoc=slurm_acct_db
 CONF
 chmod 600 "$STATE/etc/slurmdbd.conf"

@@ -133,8 +133,10 @@ def pack_on_slurm(cfg, profile, tasks: int) -> tuple[str, PackReport, list[str]]
     Returns (index path, report, job ids)."""
     import shutil
 
-    from knowlip.config import to_yaml
+    from knowlip.config import check_no_literal_secrets, to_yaml
     from knowlip.launch import slurm
+
+    check_no_literal_secrets(cfg, "the Slurm pack job")
 
     files = find_rasters(cfg.pack.inputs)
     shares = [share for share in split_files(files, max(1, min(tasks, len(files)))) if share]

@@ -233,7 +233,22 @@ def load_index(root: str | Path, storage: StorageOptions | None = None, check_fi
     return index
 
 
+def _check_shard_name(name) -> None:
+    """A shard is a file inside the index's own folder: a name that could reach outside it is refused."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or ".." in name or name.startswith("."):
+        raise ValueError(f"shard name {name!r} is not a plain file name inside the index's folder")
+
+
 def _index_from_json(root: str, store, raw: dict) -> ShardIndex:
+    if not isinstance(raw, dict):
+        raise ValueError(f"the top level is a JSON {type(raw).__name__}, not an object")
+    index = _columns_from_json(root, store, raw)
+    for name in index.names:
+        _check_shard_name(name)
+    return index
+
+
+def _columns_from_json(root: str, store, raw: dict) -> ShardIndex:
     info = {k: v for k, v in raw.items() if k not in ("shards", "shard_columns")}
     version = raw.get("version", 1)
     if version == 1:

@@ -36,6 +36,18 @@ def is_url(root: str | Path) -> bool:
     return "://" in str(root)
 
 
+# Object stores a config may name without saying so explicitly (storage.extra_protocols adds to them).
+ALLOWED_PROTOCOLS = ("file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def check_protocol(root: str, options: "StorageOptions") -> None:
+    protocol = str(root).split("://", 1)[0].lower()
+    allowed = (*ALLOWED_PROTOCOLS, *options.extra_protocols)
+    if protocol not in allowed:
+        raise StorageError(f"{root}: the {protocol!r} protocol is not allowed (allowed: {', '.join(allowed)}); "
+                           f"name it in storage.extra_protocols if this job should use it")
+
+
 # How to reach an object store: the `storage` config section's dataclass, so its defaults live in one place.
 StorageOptions = StorageConfig
 
@@ -317,4 +329,8 @@ class ObjectStore:
 
 
 def open_store(root: str | Path, options: StorageOptions | None = None) -> LocalStore | ObjectStore:
-    return ObjectStore(str(root), options) if is_url(root) else LocalStore(root, options)
+    if not is_url(root):
+        return LocalStore(root, options)
+    options = options or StorageOptions()
+    check_protocol(str(root), options)
+    return ObjectStore(str(root), options)

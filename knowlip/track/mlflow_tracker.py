@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from knowlip.redact import MASK, redact_text
+
 log = logging.getLogger(__name__)
 RUN_FILE = "mlflow.json"
 BATCH = 500  # metrics per log_batch call (MLflow accepts 1000)
@@ -44,7 +46,7 @@ def ui_command(cfg) -> str:
     """The command that opens the MLflow UI on this run's store."""
     uri, artifacts = tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
+        return f"open {redact_text(uri)}"
     return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifacts} --port 5000"
 
 
@@ -116,7 +118,7 @@ class _Sender(threading.Thread):
         except Exception as exc:  # server down, network, 5xx: keep the rows, try again later
             if not self.failing:
                 log.warning("MLflow unreachable (%s): training goes on; metrics are kept (up to %d rows) and sent "
-                            "when it is back", str(exc).splitlines()[0][:200], self.rows.maxlen)
+                            "when it is back", redact_text(str(exc).splitlines()[0][:200]), self.rows.maxlen)
             self.failing = True
             return False
         if self.failing:
@@ -164,16 +166,15 @@ class MlflowTracker:
                 cls._reopen(client, cfg, run_id, resumed_step, list(config_changes))
         except Exception as exc:
             log.warning("MLflow at %s unavailable at the start (%s): this run is not tracked; its metrics stay in "
-                        "metrics.jsonl (`knowlip mlflow sync` uploads them later)", uri, str(exc).splitlines()[0])
+                        "metrics.jsonl (`knowlip mlflow sync` uploads them later)", redact_text(uri),
+                        redact_text(str(exc).splitlines()[0]))
             return None
-        Path(cfg.run_dir, RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))
+        Path(cfg.run_dir, RUN_FILE).write_text(json.dumps({"tracking_uri": redact_text(uri), "run_id": run_id}))
         return cls(cfg, run_id, client, uri)
 
     @staticmethod
     def _create_run(client, cfg, artifacts: str | None, static: dict) -> str:
-        from omegaconf import OmegaConf
-
-        from knowlip.config import to_yaml
+        from knowlip.config import public_tree, to_yaml
 
         experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
         experiment_id = (experiment.experiment_id if experiment else
@@ -184,10 +185,10 @@ class MlflowTracker:
         run_id = run.info.run_id
         from mlflow.entities import Param
 
-        params = [Param(k, v[:6000]) for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()]
+        params = [Param(k, v[:6000]) for k, v in flatten(public_tree(cfg)).items()]
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i:i + 100], synchronous=True)
-        client.log_text(run_id, to_yaml(cfg), "config.yaml")
+        client.log_text(run_id, to_yaml(cfg, resolve=True), "config.yaml")
         return run_id
 
     @staticmethod
@@ -214,7 +215,7 @@ class MlflowTracker:
         try:
             self.client.log_text(self.run_id, text, path)
         except Exception as exc:
-            log.warning("MLflow: could not store %s (%s)", path, str(exc).splitlines()[0])
+            log.warning("MLflow: could not store %s (%s)", path, redact_text(str(exc).splitlines()[0]))
 
     def finish(self, status: str, report_dir: Path | None = None, timeout: float = 30.0) -> None:
         """Send what is buffered, store the report, set the run's status (FINISHED, or KILLED for a stop that a
@@ -229,7 +230,7 @@ class MlflowTracker:
                 self.client.log_artifacts(self.run_id, str(report_dir), "report")
             self.client.set_terminated(self.run_id, status=status)
         except Exception as exc:
-            log.warning("MLflow: could not close the run (%s)", str(exc).splitlines()[0])
+            log.warning("MLflow: could not close the run (%s)", redact_text(str(exc).splitlines()[0]))
 
 
 class SystemMetrics:
@@ -247,7 +248,7 @@ class SystemMetrics:
         try:
             self.monitor.finish()
         except Exception as exc:  # the server went away: system metrics are best effort
-            log.warning("MLflow system metrics: %s", str(exc).splitlines()[0])
+            log.warning("MLflow system metrics: %s", redact_text(str(exc).splitlines()[0]))
 
 
 def sync(run_dir: Path) -> tuple[str, int]:
@@ -256,7 +257,10 @@ def sync(run_dir: Path) -> tuple[str, int]:
     from mlflow.tracking import MlflowClient
 
     info = json.loads((Path(run_dir) / RUN_FILE).read_text())
-    client = MlflowClient(tracking_uri=info["tracking_uri"])
+    uri = info["tracking_uri"]
+    if MASK in uri:  # its credentials were not written down: they come from the environment
+        uri = os.environ.get("MLFLOW_TRACKING_URI", uri.replace(f"{MASK}@", ""))
+    client = MlflowClient(tracking_uri=uri)
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     have = {m.step for m in client.get_metric_history(info["run_id"], "loss")}
     missing = [r for r in rows if r["step"] not in have]

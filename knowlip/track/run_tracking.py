@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 from knowlip.distributed import broadcast_object
+from knowlip.redact import redact_text
 from knowlip.track.mlflow_tracker import MlflowTracker, SystemMetrics
 from knowlip.track.report import write_report
 
@@ -31,7 +32,7 @@ def git_commit() -> str:
 def run_facts(world_size: int, global_batch: int, device_name: str, engine: str, dataset: str) -> dict:
     """Logged once as tags: code, versions, job shape, devices, data."""
     return {"git_commit": git_commit(), "world_size": world_size, "global_batch": global_batch,
-            "devices": f"{world_size} x {device_name}", "engine": engine, "dataset": dataset,
+            "devices": f"{world_size} x {device_name}", "engine": engine, "dataset": redact_text(dataset),
             **{f"version.{p}": _version(p) for p in ("knowlip", "torch", "deepspeed", "mlflow")}}
 
 

@@ -4,7 +4,8 @@ save and what a checkpoint holds.
     <run_dir>/checkpoints/
       latest                      name of the newest complete checkpoint (written last, atomically)
       step_00000120/              one complete checkpoint
-        meta.json                 step, time, world size, engine, ZeRO stage, config hash, bytes; "complete": true
+        meta.json                 step, time, world size, engine, ZeRO stage, config hash, bytes, the sha256
+                                  of every other file; "complete": true
         engine/                   the engine's own files (DeepSpeed: every rank's ZeRO partitions)
         state.pt                  global state: each registered component's state_dict() by name (trainer
                                   counters and MLflow run id, loader cursor, model buffers such as the queues,
@@ -19,6 +20,11 @@ A save writes into `<name>.partial/`; once every rank has finished (a barrier), 
 renames the folder to its final name, updates `latest` by rename, and prunes to the newest `ckpt.keep`.
 A kill at any point leaves the previous complete checkpoint as the one `resume=auto` finds.
 
+Checkpoints are data, not code: knowlip's own files are read with `weights_only=True` (tensors, numbers,
+strings, lists, dicts; a pickled payload cannot run), and DeepSpeed's files, which DeepSpeed unpickles, are
+opened only after every file of the checkpoint matched the sha256 that meta.json recorded at save
+(`verify_checkpoint`): resume, export, eval and `ckpt universal` refuse, naming the file, anything else.
+
 `CheckpointManager` is what the trainer talks to: components are registered by name (anything with
 `state_dict()` / `load_state_dict()`), `due()` says whether a step ends with a save, `save()` and `load()`
 write and read every file above, and `plan_resume()` picks the checkpoint to resume from (rank 0 decides,
@@ -27,6 +33,7 @@ every rank follows).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -154,8 +161,10 @@ def begin_save(root: Path, step: int) -> Path:
 
 
 def commit_save(partial: Path, meta: dict, keep: int) -> Path:
-    """Rank 0, after every rank finished writing: mark complete, publish, point `latest` at it, prune."""
-    meta = {**meta, "complete": True, "time": time.time(), "bytes": folder_bytes(partial)}
+    """Rank 0, after every rank finished writing: record every file's sha256, mark complete, publish, point
+    `latest` at it, prune."""
+    meta = {**meta, "complete": True, "time": time.time(), "bytes": folder_bytes(partial),
+            "files": file_digests(partial)}
     _write_atomic(partial / META, json.dumps(meta, indent=1))
     final = partial.with_name(partial.name.removesuffix(PARTIAL))
     if final.exists():  # the same step saved again (e.g. a re-run after resuming from it): replace it
@@ -190,6 +199,66 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class UntrustedCheckpoint(ValueError):
+    """A checkpoint file that is not what knowlip saved (or a checkpoint without checksums)."""
+
+
+TRUST_UNVERIFIED = "KNOWLIP_TRUST_UNVERIFIED_CHECKPOINTS"  # =1: load saves from before checksums, unverified
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_digests(folder: Path, skip: tuple[str, ...] = (META, UNIVERSAL_TAG)) -> dict[str, str]:
+    """sha256 of every file below `folder` by relative path (`skip`: top-level names left out)."""
+    return {f.relative_to(folder).as_posix(): sha256_file(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.relative_to(folder).parts[0] not in skip}
+
+
+def _check_digests(folder: Path, expected: dict[str, str], skip: tuple[str, ...]) -> None:
+    actual = {f.relative_to(folder).as_posix() for f in folder.rglob("*")
+              if f.is_file() and f.relative_to(folder).parts[0] not in skip}
+    for name in sorted(set(expected) | actual):
+        if name not in actual:
+            raise UntrustedCheckpoint(f"{folder / name}: missing (the save recorded it)")
+        if name not in expected:
+            raise UntrustedCheckpoint(f"{folder / name}: not part of the checkpoint as saved; refusing to load it "
+                                      "(remove the file if you put it there)")
+        if sha256_file(folder / name) != expected[name]:
+            raise UntrustedCheckpoint(f"{folder / name}: its sha256 does not match the one recorded at save; the "
+                                      "file was changed after the save, refusing to load it")
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Every file of a complete checkpoint matches the sha256 recorded in its meta.json (and its universal form,
+    if made, the digests recorded at conversion); raises UntrustedCheckpoint naming the first that does not."""
+    meta = read_meta(path)
+    if meta is None:
+        raise ValueError(f"{path}: not a complete checkpoint")
+    if "files" not in meta:
+        if os.environ.get(TRUST_UNVERIFIED) == "1":
+            log.warning("%s: no checksums recorded; loading it unverified (%s=1)", path, TRUST_UNVERIFIED)
+            return
+        raise UntrustedCheckpoint(f"{path / META}: no checksums recorded (saved by an older knowlip, or edited); "
+                                  f"set {TRUST_UNVERIFIED}=1 to load it anyway if you trust where it came from")
+    _check_digests(path, meta["files"], (META, UNIVERSAL_TAG))
+    marker = universal_folder(path) / UNIVERSAL_MARKER
+    if marker.is_file():
+        _check_digests(universal_folder(path), json.loads(marker.read_text()).get("files", {}), (UNIVERSAL_MARKER,))
+
+
+def load_data(path: Path, map_location="cpu", **kwargs):
+    """A file knowlip wrote with torch.save, read as data (weights_only: no pickled code can run)."""
+    import torch
+
+    return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+
+
 def rng_file(folder: Path, rank: int) -> Path:
     return folder / RNG / f"rank_{rank:05d}.pt"
 
@@ -208,10 +277,15 @@ def universal_folder(ckpt: Path) -> Path:
     return ckpt / UNIVERSAL_TAG
 
 
+UNIVERSAL_MARKER = ".knowlip-complete"
+
+
 def convert_to_universal(ckpt: Path, log=print) -> Path:
-    """ds_to_universal into ckpt/universal (once; a finished conversion is marked and reused)."""
+    """ds_to_universal into ckpt/universal (once; a finished conversion is marked and reused). The checkpoint is
+    verified first: the converter unpickles DeepSpeed's files."""
+    verify_checkpoint(ckpt)
     out = universal_folder(ckpt)
-    done = out / ".knowlip-complete"
+    done = out / UNIVERSAL_MARKER
     if done.is_file():
         return out
     meta = read_meta(ckpt)
@@ -231,7 +305,8 @@ def convert_to_universal(ckpt: Path, log=print) -> Path:
                            f"{proc.stderr[-2000:]}")
     # Stages 1-2 also write the frozen weights and buffers there (no moments): count what the optimiser trains.
     params = sorted(p.name for p in (out / "zero").iterdir() if (p / "exp_avg.pt").is_file())
-    done.write_text(json.dumps({"from_world_size": meta["world_size"], "parameters": params}))
+    done.write_text(json.dumps({"from_world_size": meta["world_size"], "parameters": params,
+                                "files": file_digests(out, skip=(UNIVERSAL_MARKER,))}))
     log(f"converted {ckpt.name} (world size {meta['world_size']}) to a universal checkpoint: {len(params)} "
         f"parameter tensors with their optimizer moments and the step; momentum weights, queues, loader and "
         f"RNG state come from knowlip's own files")
@@ -266,10 +341,13 @@ class RankRng:
         torch.manual_seed(mixed)
 
     def state_dict(self) -> dict:
+        """Tensors, numbers and tuples only, so that the file loads as data."""
         import numpy as np
         import torch
 
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                 "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -278,8 +356,10 @@ class RankRng:
         import numpy as np
         import torch
 
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -339,6 +419,7 @@ def _pick_resume(cfg, world_size: int) -> tuple[Path | None, bool]:
         raise ValueError(f"{path}: saved at ZeRO stage {stage}, but train.zero_stage={cfg.train.zero_stage}; "
                          f"DeepSpeed cannot load one stage's files at another (not even in the universal "
                          f"form): resume with train.zero_stage={stage}")
+    verify_checkpoint(path)  # before any rank lets DeepSpeed unpickle its files
     universal = meta["world_size"] != world_size
     if universal:
         print(f"knowlip: {path.name} was saved by {meta['world_size']} rank(s); this job has "
@@ -405,26 +486,24 @@ class CheckpointManager:
     def load(self, path: Path, universal: bool) -> dict:
         """Restore the engine, the momentum weights, every component and this rank's RNG from `path`. Returns the
         config the checkpoint was saved with (a plain dict)."""
-        import torch
-
         self.engine.load(path, UNIVERSAL_TAG if universal else ENGINE_TAG)
-        state = torch.load(path / STATE, map_location="cpu", weights_only=False)
-        self.engine.load_momentum_state(torch.load(path / MOMENTUM, map_location="cpu", mmap=True))
+        state = load_data(path / STATE)
+        self.engine.load_momentum_state(load_data(path / MOMENTUM, mmap=True))
         components = _components_of(state)
         for name, component in self.components.items():
             component.load_state_dict(components[name])
         rng = rng_file(path, self.rank)
         if not universal and rng.is_file():
-            self.rng.load_state_dict(torch.load(rng, weights_only=False))
+            self.rng.load_state_dict(load_data(rng))
         else:
             self.rng.reseed(int(components["trainer"]["step"]))
         return state["config"]
 
 
 def _plain(cfg) -> dict:
-    from omegaconf import OmegaConf
+    from knowlip.config import public_tree
 
-    return OmegaConf.to_container(cfg, resolve=True)
+    return public_tree(cfg)
 
 
 def copy_for_export(checkpoint: Path, out: Path) -> None:
@@ -436,7 +515,4 @@ def copy_for_export(checkpoint: Path, out: Path) -> None:
 
 def load_global_state(checkpoint: Path) -> tuple[dict, dict[str, "torch.Tensor"]]:
     """(components' states, momentum weights) of a checkpoint, on the CPU."""
-    import torch
-
-    state = torch.load(checkpoint / STATE, map_location="cpu", weights_only=False)
-    return _components_of(state), torch.load(checkpoint / MOMENTUM, map_location="cpu")
+    return _components_of(load_data(checkpoint / STATE)), load_data(checkpoint / MOMENTUM)

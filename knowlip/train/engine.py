@@ -24,7 +24,7 @@ import torch.distributed as dist
 from knowlip.config import ConfigError, global_batch
 from knowlip.distributed import get_rank, get_world_size
 from knowlip.model.sar_knowlip import ema_update
-from knowlip.train.checkpoint import ENGINE_TAG, plain_engine_file
+from knowlip.train.checkpoint import ENGINE_TAG, load_data, plain_engine_file
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class PlainEngine:
     @torch.no_grad()
     def load(self, folder: Path, tag: str = ENGINE_TAG) -> None:
         path = plain_engine_file(folder, tag)
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = load_data(path, map_location=self.device)
         if self.masters and "masters" not in state:
             raise ValueError(f"{path}: written without bf16 weights (train.precision); resume it "
                              "with the precision it was trained with")

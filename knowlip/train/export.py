@@ -25,16 +25,15 @@ DTYPES = dict(zip(EXPORT_DTYPES, (torch.float32, torch.bfloat16), strict=True))
 def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The full model state dict of a complete checkpoint, fp32: trainable weights from the engine's files,
     momentum weights and buffers from knowlip's own (the same tensors whatever the engine or world size)."""
+    ckpt.verify_checkpoint(path)  # DeepSpeed's reader unpickles its files
     meta = ckpt.read_meta(path)
-    if meta is None:
-        raise ValueError(f"{path}: not a complete checkpoint")
     if meta["engine"] == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # it prints a lot
             weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=ckpt.ENGINE_TAG)
     else:
-        state = torch.load(ckpt.plain_engine_file(path), map_location="cpu", weights_only=False)
+        state = ckpt.load_data(ckpt.plain_engine_file(path))
         weights = {**state["module"], **state.get("masters", {})}  # bf16 weights: their float32 masters
     weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     components, momentum = ckpt.load_global_state(path)

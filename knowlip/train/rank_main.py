@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 from knowlip.launch.local import RankEnv, rank_env
+from knowlip.logging_setup import configure_logging
 from knowlip.launch.signals import StopRequest
 from knowlip.launch.slurm import SlurmTask
 from knowlip.train.trainer import Trainer, TrainingStopped
@@ -62,8 +62,7 @@ class SlurmTrain(SlurmTask):
             f.flush()
             cfg = load_config(f.name)  # validated again, on the node
         ranks = rank_env()
-        logging.basicConfig(level=logging.INFO if ranks is None or ranks.rank == 0 else logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(ranks is None or ranks.rank == 0)
         code, outcome = train_rank(cfg, ranks, stop)
         if code != 0:
             raise RuntimeError(f"training failed on rank {ranks.rank if ranks else 0} (exit code {code}); see the log")
