@@ -12,9 +12,12 @@ secret is, and is kept as written so that it resolves where the job runs.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
-from typing import Any
+import sys
+from typing import Any, Iterator
 
 MASK = "***"
 # a key is secret when one of its words (split at _ - .) is one of these, or it is one of the compounds
@@ -96,3 +99,14 @@ def redact_logs() -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+
+
+@contextlib.contextmanager
+def redacted_stdout() -> Iterator[None]:
+    """What a library prints meanwhile (MLflow prints run URLs, credentials included) reaches stdout redacted."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        sys.stdout.write(redact_text(buffer.getvalue()))

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from knowlip.redact import MASK, redact_text
+from knowlip.redact import MASK, redact_text, redacted_stdout
 
 log = logging.getLogger(__name__)
 RUN_FILE = "mlflow.json"
@@ -228,7 +228,8 @@ class MlflowTracker:
         try:
             if report_dir is not None and report_dir.is_dir():
                 self.client.log_artifacts(self.run_id, str(report_dir), "report")
-            self.client.set_terminated(self.run_id, status=status)
+            with redacted_stdout():  # MLflow prints the run's URL
+                self.client.set_terminated(self.run_id, status=status)
         except Exception as exc:
             log.warning("MLflow: could not close the run (%s)", redact_text(str(exc).splitlines()[0]))
 
