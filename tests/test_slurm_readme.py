@@ -3,6 +3,7 @@ variables: default state folder and ports): `bash cluster/local/up.sh`, `make qu
 `bash cluster/local/down.sh`. Every other Slurm test sets KNOWLIP_SLURM_STATE, which once hid an up.sh that
 exited 1 without a word whenever it was run as documented."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -53,6 +54,12 @@ def test_up_sh_and_make_quickstart_slurm_as_the_readme_writes_them():
         assert len(password) == 64 and (DEFAULT_STATE / "etc/db.pass").stat().st_mode & 0o077 == 0
         dbd = (DEFAULT_STATE / "etc/slurmdbd.conf").read_text()
         assert f"StoragePass={password}" in dbd and "StoragePass=knowlip" not in dbd
+        # stopped and started again: munged gets a new key, never the one lying in the folder
+        key = hashlib.sha256((DEFAULT_STATE / "munge-key/munge.key").read_bytes()).hexdigest()
+        assert run("bash", "cluster/local/down.sh").returncode == 0
+        again = run("bash", "cluster/local/up.sh")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert hashlib.sha256((DEFAULT_STATE / "munge-key/munge.key").read_bytes()).hexdigest() != key
 
         quick = run("make", "quickstart-slurm", timeout=900)
         assert quick.returncode == 0, quick.stdout[-3000:] + quick.stderr[-3000:]
