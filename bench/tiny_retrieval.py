@@ -44,7 +44,8 @@ def main() -> None:
         images, texts, captions = [], [], []
         with torch.no_grad():
             for batch in StreamingLoader(cfg.data.shards, 64, drop_last=False, tokenizer=trainer.text):
-                images.append(model.encode_image(normalise_batch(batch, cfg.norm, trainer.device, trainer.engine.compute_dtype))[1])
+                chips = normalise_batch(batch, cfg.norm, trainer.device, trainer.engine.compute_dtype)
+                images.append(model.encode_image(chips)[1])
                 texts.append(model.encode_text(batch["input_ids"], batch["attention_mask"]))
                 captions += batch["captions"]
     keys = [parse_caption(c).without("geo").text() for c in captions]

@@ -170,8 +170,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if cfg.mlflow.enabled:
         from knowlip.track.mlflow_tracker import tracking_uri
 
-        print(f"  MLflow: {redact_text(tracking_uri(cfg)[0])}, experiment {cfg.mlflow.experiment!r} (the run id appears in "
-              f"{run_dir / 'mlflow.json'} and `knowlip jobs` once the job starts; requeues continue that run)")
+        print(f"  MLflow: {redact_text(tracking_uri(cfg)[0])}, experiment {cfg.mlflow.experiment!r} (the run id "
+              f"appears in {run_dir / 'mlflow.json'} and `knowlip jobs` once the job starts; requeues continue "
+              "that run)")
     if not args.wait:
         return 0
     try:

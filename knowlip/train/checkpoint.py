@@ -58,6 +58,8 @@ TOKENIZER = "tokenizer"
 RNG = "rng"
 ENGINE_TAG = "engine"  # the engine's own files: <checkpoint>/engine/ (DeepSpeed's "tag")
 UNIVERSAL_TAG = "universal"  # DeepSpeed's universal form of them, made on demand
+UNIVERSAL_LATEST = "latest_universal"  # the tag file ds_to_universal writes beside it (text; we name the tag)
+NOT_SAVED = (META, UNIVERSAL_TAG, UNIVERSAL_LATEST)  # top-level names a save's digests leave out
 
 log = logging.getLogger(__name__)
 
@@ -214,15 +216,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_digests(folder: Path, skip: tuple[str, ...] = (META, UNIVERSAL_TAG)) -> dict[str, str]:
-    """sha256 of every file below `folder` by relative path (`skip`: top-level names left out)."""
-    return {f.relative_to(folder).as_posix(): sha256_file(f) for f in sorted(folder.rglob("*"))
-            if f.is_file() and f.relative_to(folder).parts[0] not in skip}
+def _files(folder: Path, skip: tuple[str, ...]) -> list[str]:
+    """Every file below `folder` by relative path, sorted; `skip`: top-level names left out."""
+    return sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*")
+                  if f.is_file() and f.relative_to(folder).parts[0] not in skip)
+
+
+def file_digests(folder: Path, skip: tuple[str, ...] = NOT_SAVED) -> dict[str, str]:
+    """sha256 of every file below `folder` by relative path."""
+    return {name: sha256_file(folder / name) for name in _files(folder, skip)}
 
 
 def _check_digests(folder: Path, expected: dict[str, str], skip: tuple[str, ...]) -> None:
-    actual = {f.relative_to(folder).as_posix() for f in folder.rglob("*")
-              if f.is_file() and f.relative_to(folder).parts[0] not in skip}
+    actual = set(_files(folder, skip))
     for name in sorted(set(expected) | actual):
         if name not in actual:
             raise UntrustedCheckpoint(f"{folder / name}: missing (the save recorded it)")
@@ -246,7 +252,7 @@ def verify_checkpoint(path: Path) -> None:
             return
         raise UntrustedCheckpoint(f"{path / META}: no checksums recorded (saved by an older knowlip, or edited); "
                                   f"set {TRUST_UNVERIFIED}=1 to load it anyway if you trust where it came from")
-    _check_digests(path, meta["files"], (META, UNIVERSAL_TAG))
+    _check_digests(path, meta["files"], NOT_SAVED)
     marker = universal_folder(path) / UNIVERSAL_MARKER
     if marker.is_file():
         _check_digests(universal_folder(path), json.loads(marker.read_text()).get("files", {}), (UNIVERSAL_MARKER,))
