@@ -70,6 +70,13 @@ def all_reduce_floats(values: list[float], op: str, device: torch.device) -> lis
     return t.tolist()
 
 
+def shutdown() -> None:
+    """Leave the process group (every rank together), so that no communication thread outlives the process."""
+    if is_distributed():
+        barrier()
+        dist.destroy_process_group()
+
+
 def _skip_shm_comm_build() -> None:
     """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (~95 s) at its first init. gloo is
     correct without it, so skip the build (cpu-stack.md)."""

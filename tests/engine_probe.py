@@ -59,6 +59,9 @@ def main(out: str, overrides: list[str]) -> None:
                     "buffers": {k: v.cpu() for k, v in model.named_buffers()},
                     "inputs": (images, ids, att), "image_feat": image_feat, "text_feat": text_feat,
                     "world_size": trainer.world_size}, out)
+    from knowlip.distributed import shutdown
+
+    shutdown()  # leave the process group before exit: gloo's threads torn down at exit can abort the process
 
 
 if __name__ == "__main__":
