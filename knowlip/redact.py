@@ -65,22 +65,21 @@ def redact_tree(tree: Any, path: str = "") -> Any:
     return tree
 
 
-def literal_secrets(tree: Any, path: str = "") -> list[str]:
-    """Dotted keys holding a secret written out (not an interpolation), for refusing to ship them to a cluster."""
-    found: list[str] = []
+def _leaves(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     if isinstance(tree, dict):
         for key, value in tree.items():
-            sub = f"{path}.{key}" if path else str(key)
-            if is_secret_key(str(key), path) and isinstance(value, (str, int)) and not is_interpolation(value):
-                found.append(sub)
-            else:
-                found += literal_secrets(value, sub)
+            yield from _leaves(value, f"{path}.{key}" if path else str(key))
     elif isinstance(tree, list):
         for value in tree:
-            found += literal_secrets(value, path)
-    elif isinstance(tree, str) and redact_text(tree) != tree and not is_interpolation(tree):
-        found.append(path)
-    return found
+            yield from _leaves(value, path)
+    else:
+        yield path, tree
+
+
+def literal_secrets(tree: Any) -> list[str]:
+    """Dotted keys holding a secret written out (what redaction would mask; an interpolation names where the
+    secret is instead), for refusing to ship them to a cluster."""
+    return [key for (key, value), (_, masked) in zip(_leaves(tree), _leaves(redact_tree(tree))) if value != masked]
 
 
 class RedactingFilter(logging.Filter):

@@ -4,6 +4,7 @@ in-process tiny run, "straight run equals stop and resume", reading a run's loss
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import time
@@ -66,6 +67,21 @@ def deepspeed_zero_stage(ckpt: Path) -> int:
 
     optim = next((ckpt / "engine").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
     return int(torch.load(optim, map_location="cpu", weights_only=False)["optimizer_state_dict"]["zero_stage"])
+
+
+HAVE_SLURM = all(shutil.which(t) or Path("/usr/sbin", t).exists() for t in ("slurmctld", "slurmd", "slurmdbd",
+                                                                           "munged", "mariadbd"))
+
+
+def assert_no_secret_in(folder: Path, secrets, *outputs: str) -> None:
+    """Not one byte sequence of any secret in any file under `folder` (sqlite stores, pickles included) or in
+    any output."""
+    for value in secrets:
+        for text in outputs:
+            assert value not in text, (value, text[-2000:])
+        for f in folder.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                assert value.encode() not in f.read_bytes(), f"{value} found in {f}"
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, losses
+from helpers import assert_no_secret_in, free_port, losses
 from knowlip.track.mlflow_tracker import RUN_FILE, flatten, numeric
 
 pytestmark = pytest.mark.integration
@@ -34,16 +34,6 @@ SECRET_ENV = {"KNOWLIP_TEST_TOKEN": SECRETS["env"]}
 def secret_overrides(key: str = SECRETS["key"]) -> list[str]:
     return [f"storage.options.key={key}", f"storage.options.secret={SECRETS['secret']}",
             "storage.options.session_token=${oc.env:KNOWLIP_TEST_TOKEN}"]
-
-
-def assert_no_secret_in(folder: Path, *outputs: str) -> None:
-    """Not one byte sequence of any secret in any file under `folder` (sqlite stores included) or output."""
-    for value in SECRETS.values():
-        for text in outputs:
-            assert value not in text, (value, text[-2000:])
-        for f in folder.rglob("*"):
-            if f.is_file() and not f.is_symlink():
-                assert value.encode() not in f.read_bytes(), f"{value} found in {f}"
 
 
 def train(run: Path, base: list[str], *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -104,7 +94,7 @@ def test_default_store_one_run_across_stop_and_resume(tiny_train_base, synth_sha
     assert shown.returncode == exported.returncode == evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert "key: '***'" in shown.stdout and "session_token: '***'" in shown.stdout  # resolved, then masked
     assert "${oc.env:KNOWLIP_TEST_TOKEN}" in (run / "config.yaml").read_text()  # saved as written, resolved on load
-    assert_no_secret_in(tmp_path, *(p.stdout + p.stderr for p in (first, second, shown, exported, evaluated)))
+    assert_no_secret_in(tmp_path, SECRETS.values(), *(p.stdout + p.stderr for p in (first, second, shown, exported, evaluated)))
 
 
 class MlflowServer:
@@ -182,7 +172,7 @@ def test_server_killed_mid_run_training_finishes_and_sync_completes_the_history(
     assert steps_of(client, run_id) == list(range(1, steps + 1))  # nothing lost
     history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     assert history == pytest.approx(losses(run), rel=1e-6)
-    assert_no_secret_in(tmp_path, out, err, sync.stdout, sync.stderr)
+    assert_no_secret_in(tmp_path, SECRETS.values(), out, err, sync.stdout, sync.stderr)
 
 
 def test_run_page_in_headless_chromium_shows_the_loss_chart(server, tiny_train_base, tmp_path):

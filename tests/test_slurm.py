@@ -5,7 +5,6 @@ Skipped where the packages are not installed (cluster/local/install.sh installs 
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, job_id_of, losses, wait_for_steps
+from helpers import HAVE_SLURM, REPO, assert_no_secret_in, job_id_of, losses, wait_for_steps
 from knowlip.launch import slurm
 
 CLI = [sys.executable, "-m", "knowlip.cli"]
-HAVE_SLURM = all(shutil.which(t) or Path("/usr/sbin", t).exists() for t in ("slurmctld", "slurmd", "slurmdbd",
-                                                                           "munged", "mariadbd"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,8 +107,7 @@ def test_submitted_job_trains_like_local_ranks(local_run, tiny_train_base, tmp_p
     log = knowlip(tmp_path, "logs", job, "--rank", "0").stdout
     assert "trained 16 steps" in log
     assert list((tmp_path / "runs" / "slurm").rglob("*.pkl"))  # the folder searched holds the job's pickles
-    for f in tmp_path.rglob("*"):
-        assert not f.is_file() or secret.encode() not in f.read_bytes(), f
+    assert_no_secret_in(tmp_path, [secret], log, proc.stdout, proc.stderr)
 
 
 @pytest.mark.integration

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import HAVE_SLURM, REPO
 
-HAVE_SLURM = all(shutil.which(t) or Path("/usr/sbin", t).exists() for t in ("slurmctld", "slurmd", "slurmdbd",
-                                                                           "munged", "mariadbd"))
 DEFAULT_STATE = Path("/tmp/knowlip-slurm")
 
 pytestmark = pytest.mark.skipif(not HAVE_SLURM and os.environ.get("CI") != "true",

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, deepspeed_zero_stage, job_id_of, losses, wait_for_steps
+from helpers import HAVE_SLURM, REPO, deepspeed_zero_stage, job_id_of, losses, wait_for_steps
 
 NS1 = "/var/run/netns/knowlip-node1"
-HAVE_SLURM = all(shutil.which(t) or Path("/usr/sbin", t).exists() for t in ("slurmctld", "slurmd", "slurmdbd",
-                                                                           "munged", "mariadbd"))
 pytestmark = pytest.mark.integration
 
 

@@ -425,12 +425,13 @@ def _pick_resume(cfg, world_size: int) -> tuple[Path | None, bool]:
         raise ValueError(f"{path}: saved at ZeRO stage {stage}, but train.zero_stage={cfg.train.zero_stage}; "
                          f"DeepSpeed cannot load one stage's files at another (not even in the universal "
                          f"form): resume with train.zero_stage={stage}")
-    verify_checkpoint(path)  # before any rank lets DeepSpeed unpickle its files
     universal = meta["world_size"] != world_size
-    if universal:
+    if universal:  # the conversion verifies the checkpoint first
         print(f"knowlip: {path.name} was saved by {meta['world_size']} rank(s); this job has "
               f"{world_size}: converting it to a universal checkpoint", file=sys.stderr)
         convert_to_universal(path, log=lambda m: print(f"knowlip: {m}", file=sys.stderr))
+    else:
+        verify_checkpoint(path)  # before any rank lets DeepSpeed unpickle its files
     return path, universal
 
 

@@ -22,10 +22,11 @@ WEIGHTS = "model.safetensors"
 DTYPES = dict(zip(EXPORT_DTYPES, (torch.float32, torch.bfloat16), strict=True))
 
 
-def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(path: Path, verify: bool = True) -> dict[str, torch.Tensor]:
     """The full model state dict of a complete checkpoint, fp32: trainable weights from the engine's files,
     momentum weights and buffers from knowlip's own (the same tensors whatever the engine or world size)."""
-    ckpt.verify_checkpoint(path)  # DeepSpeed's reader unpickles its files
+    if verify:  # DeepSpeed's reader unpickles its files
+        ckpt.verify_checkpoint(path)
     meta = ckpt.read_meta(path)
     if meta["engine"] == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -42,15 +43,15 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32", verify: bool = True) -> Path:
     """A checkpoint (or a run folder: its newest complete checkpoint) -> out/{model.safetensors, config.yaml,
-    tokenizer/, export.json}."""
+    tokenizer/, export.json}. `verify=False` only for a checkpoint this process has just saved."""
     from safetensors.torch import save_file
 
     path, out = ckpt.resolve_checkpoint(source), Path(out)
     if dtype not in DTYPES:
         raise ValueError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    weights = consolidated_state_dict(path)
+    weights = consolidated_state_dict(path, verify)
     cast = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (WEIGHTS + ".tmp")

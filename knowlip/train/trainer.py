@@ -255,7 +255,8 @@ class Trainer:
                                   f"={cfg.train.max_nonfinite_in_a_row}) at step {self.step}: stopped; the last "
                                   f"state is checkpointed in {saved}. Lower train.lr or check the data.")
         if self.step >= cfg.train.steps and self.rank == 0:
-            export_checkpoint(saved or resolve_checkpoint(self.run_dir), self.run_dir)
+            # the checkpoint this job just saved is not hashed a second time
+            export_checkpoint(saved or resolve_checkpoint(self.run_dir), self.run_dir, verify=saved is None)
         barrier()
         return {"steps": self.step, "history": history, "stopped": stopped, "checkpoint": saved,
                 "flops_per_sample": meter.flops_per_sample, "metrics": str(self.metrics_path)}
