@@ -57,6 +57,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
         extra.append(f"pack.jobs={args.jobs}")
     if args.captions:
         extra.append(f"pack.captions={args.captions}")
+    if args.overwrite:
+        extra.append("pack.overwrite=true")
     cluster_overrides, args.overrides = _split_cluster_overrides(args.overrides)
     cfg = _config(args, extra)
     if args.cluster:  # a Slurm array of --array tasks, then one merge here
@@ -341,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", help="caption JSONL (pack.captions)")
     p.add_argument("--out", help="output folder (pack.out_dir)")
     p.add_argument("--jobs", type=int, help="processes reading and encoding scenes (pack.jobs); same output")
+    p.add_argument("--overwrite", action="store_true", help="replace the dataset in --out once the new one is "
+                   "complete (pack.overwrite); without it a non-empty --out is refused")
     p.add_argument("--cluster", help="pack on Slurm with this cluster profile (a submitit array job, then a merge)")
     p.add_argument("--array", type=int, default=4, help="array tasks for --cluster (each packs a share of scenes)")
     _add_config_args(p)

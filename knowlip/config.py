@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -75,10 +76,16 @@ class PackConfig:
     shard_max_samples: int = 256
     shard_max_bytes: int = 256 * 2**20
     jobs: int = 1  # processes reading and encoding scenes (the output is identical for any number)
+    # Replace the dataset already in out_dir (swapped in once the new one is complete); without it a non-empty
+    # out_dir is refused.
+    overwrite: bool = False
     # What to do with a chip whose scene/chip has no caption: "skip" it, or keep it with a caption made of the
     # geographic clause only ("geo_only").
     missing_caption: str = "skip"
     geo_clause: bool = True  # append "Located at ..." built from the chip's metadata
+    # A scene with more values than this (width x height x bands) is skipped and listed, not read: a corrupt or
+    # absurd header would otherwise ask for hundreds of GiB. 2**31 values: 8 GiB of float32.
+    max_scene_values: int = 2**31
     read: ReadConfig = field(default_factory=ReadConfig)
     chip: ChipConfig = field(default_factory=ChipConfig)
 
@@ -395,12 +402,20 @@ def _check_choices(cfg: DictConfig) -> None:
 
 
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+POSITIVE = (lambda v: v > 0, "positive")
+SEED = (lambda v: 0 <= v < 2**32, "in [0, 2**32)")
 OFF_OR_POSITIVE = (lambda v: v >= 0, "0 (off) or positive")
 STEPS_OR_FRACTION = (lambda v: v >= 0 and (v < 1 or v == int(v)), "a whole number of steps or a fraction < 1")
 
 # key -> (predicate, what it must be); checked after merging, before anything runs.
 RANGES: dict[str, tuple] = {
+    "seed": SEED,
     "synth.num_scenes": AT_LEAST_1,
+    "synth.pixel_spacing_m": POSITIVE,
+    "synth.looks": POSITIVE,
+    "synth.seed": SEED,
+    "pack.jobs": AT_LEAST_1,
+    "pack.max_scene_values": AT_LEAST_1,
     "synth.size": (lambda v: v >= 8, "at least 8"),
     "pack.chip.size": AT_LEAST_1,
     "pack.chip.stride": AT_LEAST_1,
@@ -408,6 +423,7 @@ RANGES: dict[str, tuple] = {
     "pack.shard_max_samples": AT_LEAST_1,
     "pack.shard_max_bytes": (lambda v: v >= 1024, "at least 1024"),
     "data.batch_size": AT_LEAST_1,
+    "data.seed": SEED,
     "data.num_workers": (lambda v: v >= 0, "0 or more"),
     "data.shuffle_block": AT_LEAST_1,
     "data.max_text_len": (lambda v: v >= 8, "at least 8"),
@@ -415,14 +431,25 @@ RANGES: dict[str, tuple] = {
     "storage.retries": (lambda v: v >= 0, "0 or more"),
     "storage.backoff_s": (lambda v: v >= 0, "0 or more"),
     "storage.requests_in_flight": AT_LEAST_1,
+    "storage.coalesce_gap_bytes": (lambda v: v >= 0, "0 (off) or more"),
+    "norm.fill": (lambda v: math.isfinite(v), "a finite number"),
+    "norm.dn_gain": POSITIVE,
     "model.in_channels": (lambda v: 1 <= v <= 8, "between 1 and 8"),
     "model.image_size": (lambda v: v >= 8, "at least 8"),
+    "model.losses.itc_weight": (lambda v: v >= 0, "0 or more"),
+    "model.losses.itm_weight": (lambda v: v >= 0, "0 or more"),
+    "model.losses.recon_weight": (lambda v: v >= 0, "0 or more"),
+    "model.losses.temp_min": POSITIVE,
+    "model.losses.temp_init": POSITIVE,
+    "model.losses.temp_max": POSITIVE,
     "model.losses.momentum": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "model.losses.alpha": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "model.losses.other_mask_prob": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "model.losses.label_smoothing": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "train.steps": AT_LEAST_1,
-    "train.lr": (lambda v: v > 0, "positive"),
+    "train.lr": POSITIVE,
+    "train.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "train.tokenizer_vocab": (lambda v: v >= 128, "at least 128 (special tokens and the caption alphabet)"),
     "train.warmup_steps": STEPS_OR_FRACTION,
     "train.alpha_ramp_steps": STEPS_OR_FRACTION,
     "train.log_every": AT_LEAST_1,
@@ -437,6 +464,9 @@ RANGES: dict[str, tuple] = {
     "eval.batch_size": AT_LEAST_1,
     "scio.samples_every": OFF_OR_POSITIVE,
     "scio.samples_per_write": AT_LEAST_1,
+    "mlflow.system_interval_s": (lambda v: v >= 0.1, "at least 0.1"),
+    "mlflow.queue_size": AT_LEAST_1,
+    "mlflow.retry_s": (lambda v: v >= 0.1, "at least 0.1"),
 }
 
 
@@ -465,6 +495,10 @@ def _check_ranges(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not 0.0 <= value < 1.0:
             raise ConfigError(f"bad value for '{key}': {value} must be in [0, 1) (or null for the preset)")
+    losses = cfg.model.losses
+    if not losses.temp_min <= losses.temp_init <= losses.temp_max:
+        raise ConfigError(f"bad values for the temperature: model.losses.temp_min={losses.temp_min} <= temp_init="
+                          f"{losses.temp_init} <= temp_max={losses.temp_max} does not hold")
     queue = cfg.model.queue_size
     if queue is not None and queue < 1:
         raise ConfigError(f"bad value for 'model.queue_size': {queue} must be at least 1 (or null for the preset)")

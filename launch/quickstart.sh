@@ -8,9 +8,13 @@ cd "$(dirname "$0")/.."
 KNOWLIP=.venv/bin/knowlip
 CONFIG=${CONFIG:-configs/default.yaml}
 
-$KNOWLIP synth -c "$CONFIG" "$@"
-$KNOWLIP pack -c "$CONFIG" "$@"
 SHARDS=$(.venv/bin/python -c 'import sys; from knowlip.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).pack.out_dir)' "$CONFIG" "$@")
+if [ -f "$SHARDS/index.json" ]; then  # a second run (e.g. to resume training) keeps the dataset it trained on
+  echo "quickstart: $SHARDS already holds the packed dataset; not packing again"
+else
+  $KNOWLIP synth -c "$CONFIG" "$@"
+  $KNOWLIP pack -c "$CONFIG" "$@"
+fi
 $KNOWLIP data inspect "$SHARDS"
 if [ -n "${SUBMIT:-}" ]; then
   $KNOWLIP submit --cluster "$SUBMIT" --wait -c "$CONFIG" "$@"

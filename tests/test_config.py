@@ -86,3 +86,41 @@ def test_cli_config_typo_exits_2_with_suggestion():
 def test_out_of_range_values_fail_before_anything_runs(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+# Keys whose every value of their type is allowed, or that a check other than RANGES covers.
+UNBOUNDED = {"train.global_batch_size", "train.stop_at", "model.queue_size", "model.text_dropout",
+             "model.drop_path"}
+
+
+def _numeric_keys(node: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        if isinstance(value, dict):
+            keys += _numeric_keys(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def test_every_numeric_key_has_a_range():
+    from omegaconf import OmegaConf
+
+    from knowlip.config import RANGES, default_config
+
+    keys = _numeric_keys(OmegaConf.to_container(default_config()))
+    assert len(keys) > 50
+    unchecked = [k for k in keys if k not in RANGES and k not in UNBOUNDED]
+    assert not unchecked, f"numeric keys that take any value: {unchecked}"
+
+
+@pytest.mark.parametrize("override", [
+    "mlflow.queue_size=-1", "mlflow.retry_s=0", "mlflow.system_interval_s=-5", "pack.jobs=0",
+    "storage.coalesce_gap_bytes=-1", "train.weight_decay=-0.1", "train.tokenizer_vocab=10", "seed=-1",
+    "data.seed=4294967296", "norm.dn_gain=0", "norm.fill=nan", "model.losses.itm_weight=-1",
+    "model.losses.temp_init=0.9", "pack.max_scene_values=0", "synth.looks=0",
+])
+def test_numeric_keys_refuse_values_that_cannot_work(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.split(".")[-1]):
+        load_config(None, [override])

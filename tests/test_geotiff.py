@@ -12,11 +12,11 @@ from knowlip.data.pack import pack
 from knowlip.sar.geotiff import SarReadError, iter_chips, open_scene
 
 
-def _write(path, data, crs="EPSG:32631", nodata=None, descriptions=(), tags=None):
+def _write(path, data, crs="EPSG:32631", nodata=None, descriptions=(), tags=None, transform=None):
     profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
                    dtype=data.dtype.name, nodata=nodata)
     if crs:
-        profile.update(crs=crs, transform=from_origin(620000, 4830000, 10, 10))
+        profile.update(crs=crs, transform=transform or from_origin(620000, 4830000, 10, 10))
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
         for i, d in enumerate(descriptions, 1):
@@ -114,11 +114,20 @@ def test_pack_skips_and_lists_bad_files_and_packs_the_rest(tmp_path, sentinel1_d
         (inputs / tif.name).write_bytes(tif.read_bytes())
     (inputs / "corrupt.tif").write_bytes(b"II*\x00" + b"\x00" * 50)
     _write(inputs / "nocrs.tif", np.ones((1, 64, 64), np.float32), crs=None)
+    # a UTM georeference far outside the projection's domain: GDAL cannot transform its centre to lon/lat
+    _write(inputs / "offworld.tif", np.ones((1, 64, 64), np.float32), transform=from_origin(1e12, 1e12, 10, 10))
+    # an absurd size (sparse: a few MB on disk) that reading strips of would exhaust memory
+    with rasterio.open(inputs / "huge.tif", "w", driver="GTiff", width=100_000, height=100_000, count=1,
+                       dtype="float32", crs="EPSG:32633", transform=from_origin(500_000, 5_000_000, 10, 10),
+                       tiled=True, compress="deflate", sparse_ok=True):
+        pass
     cfg = make_config(tmp_path, f"pack.inputs=[{inputs}]", "pack.missing_caption=geo_only")
     _, report = pack(cfg)
     skipped = {s["file"].rsplit("/", 1)[-1]: s["reason"] for s in report.skipped_files}
-    assert set(skipped) == {"corrupt.tif", "nocrs.tif"}
+    assert set(skipped) == {"corrupt.tif", "nocrs.tif", "offworld.tif", "huge.tif"}
     assert "no CRS" in skipped["nocrs.tif"]
+    assert "outside of projection domain" in skipped["offworld.tif"]
+    assert "10,000,000,000 values, over pack.max_scene_values" in skipped["huge.tif"]
     assert report.scenes_packed == 2 and report.samples > 0
 
 

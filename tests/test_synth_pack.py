@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import rasterio
 import webdataset as wds
 
@@ -14,8 +15,8 @@ from knowlip.sar.synth import synthesise_from_config
 from knowlip.text.caption import parse_caption
 
 
-def _digest(folder):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("shard-*.tar"))}
+def _digest(folder, pattern="shard-*.tar"):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob(pattern))}
 
 
 def test_synth_is_deterministic_and_georeferenced(tmp_path):
@@ -67,7 +68,8 @@ def test_pack_output_is_deterministic_and_tar_lists_it(tmp_path):
     synthesise_from_config(cfg)
     pack(cfg)
     first = _digest(tmp_path / "shards")
-    pack(cfg)
+    pack(make_config(tmp_path, "synth.num_scenes=2", "synth.size=64", "pack.chip.size=32", "pack.chip.stride=32",
+                     "pack.shard_max_samples=3", "pack.overwrite=true"))
     assert _digest(tmp_path / "shards") == first and len(first) >= 2
     listing = subprocess.run(["tar", "tf", str(tmp_path / "shards/shard-000000.tar")], capture_output=True,
                              text=True, check=True).stdout.split()
@@ -103,6 +105,11 @@ def test_cli_synth_pack_inspect(tmp_path):
     positional = run("pack", "runs/quickstart/scenes", "--out", "positional", "pack.chip.size=32",
                      "pack.chip.stride=32")  # inputs as positional arguments, as a new user types them
     assert positional.returncode == 0 and "packed 8 samples from 2 scenes" in positional.stdout, positional.stderr
+    again = run("pack", "pack.chip.size=32", "pack.chip.stride=32")
+    assert again.returncode == 1 and "runs/quickstart/shards: already holds a packed dataset" in again.stderr
+    assert "Traceback" not in again.stderr
+    again = run("pack", "--overwrite", "pack.chip.size=32", "pack.chip.stride=32")
+    assert again.returncode == 0 and "packed 8 samples from 2 scenes" in again.stdout, again.stderr
     missing_input = run("pack", "no_such_dir", "--out", "x")
     assert missing_input.returncode == 2 and "'no_such_dir' is not of the form key=value" in missing_input.stderr
     ins = run("data", "inspect", "runs/quickstart/shards", "--json")
@@ -139,7 +146,7 @@ def test_repacking_into_fewer_shards_removes_the_stale_ones(tmp_path):
     pack(cfg)
     assert len(list((tmp_path / "shards").glob("shard-*.tar"))) == 3
     pack(make_config(tmp_path, "synth.num_scenes=2", "synth.size=64", "pack.chip.size=32", "pack.chip.stride=32",
-                     "pack.shard_max_samples=100"))
+                     "pack.shard_max_samples=100", "pack.overwrite=true"))
     assert [p.name for p in (tmp_path / "shards").glob("shard-*.tar")] == ["shard-000000.tar"]
     assert load_index(tmp_path / "shards").total_samples == 8
 
@@ -187,3 +194,45 @@ def test_packing_in_parts_and_merging_writes_the_same_bytes(tmp_path):
     assert list(ours) == list(theirs)
     for name in ours:
         assert ours[name] == theirs[name], name
+
+
+def test_pack_refuses_a_full_out_and_replaces_it_only_when_complete(tmp_path, monkeypatch):
+    """A non-empty --out needs --overwrite; a packing that fails part-way (here: interrupted after 5 samples)
+    leaves the earlier dataset byte for byte and no staging folder; a folder holding other files is never
+    replaced."""
+    from knowlip.data import pack as pack_module
+    from knowlip.data.pack import PackOutputError
+    from knowlip.data.shards import ShardWriter
+
+    base = ["synth.num_scenes=2", "synth.size=64", "pack.chip.size=32", "pack.chip.stride=32",
+            "pack.shard_max_samples=3"]
+    synthesise_from_config(make_config(tmp_path, *base))
+    pack(make_config(tmp_path, *base))
+    before = _digest(tmp_path / "shards", "*")
+    assert "index.json" in before
+    with pytest.raises(PackOutputError, match=f"{tmp_path / 'shards'}: already holds a packed dataset.*--overwrite"):
+        pack(make_config(tmp_path, *base))
+    assert _digest(tmp_path / "shards", "*") == before
+
+    real_write, written = ShardWriter.write, []
+
+    def interrupted(self, key, members):
+        if len(written) == 5:
+            raise KeyboardInterrupt
+        written.append(key)
+        real_write(self, key, members)
+
+    monkeypatch.setattr(pack_module.ShardWriter, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pack(make_config(tmp_path, *base[:-1], "pack.shard_max_samples=2", "pack.overwrite=true"))
+    monkeypatch.undo()
+    assert _digest(tmp_path / "shards", "*") == before and len(written) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scenes", "shards"]  # no staging left behind
+
+    _, report = pack(make_config(tmp_path, *base[:-1], "pack.shard_max_samples=2", "pack.overwrite=true"))
+    assert report.samples == 8 and len(list((tmp_path / "shards").glob("shard-*.tar"))) == 4
+
+    (tmp_path / "shards" / "notes.txt").write_text("mine")
+    with pytest.raises(PackOutputError, match="notes.txt"):
+        pack(make_config(tmp_path, *base, "pack.overwrite=true"))
+    assert (tmp_path / "shards" / "notes.txt").read_text() == "mine"

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import shutil
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from tqdm import tqdm
 
-from knowlip.data.shards import MEMBERS, ShardError, ShardWriter, encode_sample, load_index, write_index
-from knowlip.data.storage import StorageOptions, is_url, storage_options
+from knowlip.data.shards import (INDEX_NAME, MEMBERS, ShardError, ShardWriter, encode_sample, load_index,
+                                 write_index)
+from knowlip.data.storage import StorageOptions, is_url, open_store, storage_options
 from knowlip.sar.geotiff import SarReadError, find_rasters, iter_chips
 from knowlip.text.caption import GEO_FIELD, Caption, CaptionIndex, geo_clause
 
@@ -46,9 +49,65 @@ def pack(cfg) -> tuple[Path, PackReport]:
     started = time.perf_counter()
     files = find_rasters(p.inputs)
     storage = storage_options(cfg.storage)
-    writer = ShardWriter(p.out_dir, p.shard_max_samples, p.shard_max_bytes, storage)
-    report = _pack_files(files, p, writer)
-    return _finish(p, files, writer, report, started, storage)
+    with staged_output(p.out_dir, p.overwrite, storage) as out:
+        writer = ShardWriter(out, p.shard_max_samples, p.shard_max_bytes, storage)
+        report = _pack_files(files, p, writer)
+        _finish(p, out, files, writer, report, started, storage)
+    return open_store(p.out_dir, storage).url(INDEX_NAME), report
+
+
+class PackOutputError(ValueError):
+    """--out holds something a packing must not replace."""
+
+
+def _is_ours(name: str) -> bool:
+    return name == INDEX_NAME or (name.startswith("shard-") and name.endswith((".tar", ".idx.npy")))
+
+
+def check_pack_output(out: str, overwrite: bool, storage: StorageOptions | None = None) -> bool:
+    """Refuse an --out that holds files other than a packing's, or a packing without `overwrite`. Returns
+    whether --out is on an object store."""
+    store = open_store(out, storage)
+    if store.remote:
+        existing = store.list("")
+    else:
+        existing = sorted(q.name for q in Path(out).iterdir()) if Path(out).is_dir() else []
+    foreign = [n for n in existing if not _is_ours(n)]
+    if foreign:
+        raise PackOutputError(f"{out}: holds files that are not shards ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); pack into an empty or new folder")
+    if existing and not overwrite:
+        raise PackOutputError(f"{out}: already holds a packed dataset ({len(existing)} files); pack into a new "
+                              "folder, or pass --overwrite (pack.overwrite=true) to replace it once the new one is "
+                              "complete")
+    return store.remote
+
+
+@contextmanager
+def staged_output(out: str, overwrite: bool, storage: StorageOptions | None = None) -> Iterator[str]:
+    """Where a packing writes. A folder: a staging folder beside it, swapped in (two renames) only once the
+    packing is complete, so that a killed or failed packing leaves the earlier dataset whole. An object store
+    has no rename: shards go in place and index.json last. Either way a non-empty --out is refused unless
+    `overwrite`, and never replaced when it holds files that are not a packing's."""
+    final = Path(out)
+    staging, old = final.parent / f".{final.name}.staging", final.parent / f".{final.name}.old"
+    if not is_url(out) and old.is_dir() and not final.exists():
+        old.rename(final)  # a packing killed between its two renames: the earlier dataset comes back first
+    if check_pack_output(out, overwrite, storage):
+        yield out
+        return
+    shutil.rmtree(staging, ignore_errors=True)  # a killed packing's leftovers
+    staging.mkdir(parents=True)
+    try:
+        yield str(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pack_files(files: list[Path], p, writer: ShardWriter) -> PackReport:
@@ -70,13 +129,13 @@ def _pack_files(files: list[Path], p, writer: ShardWriter) -> PackReport:
     return report
 
 
-def _finish(p, files: list[Path], writer: ShardWriter, report: PackReport, started: float,
-            storage: StorageOptions) -> tuple[str, PackReport]:
+def _finish(p, out: str, files: list[Path], writer: ShardWriter, report: PackReport, started: float,
+            storage: StorageOptions) -> None:
     shards = writer.finish()
     report.seconds = round(time.perf_counter() - started, 3)
     info = {"chip_size": p.chip.size, "inputs": [str(f) for f in files],
             "report": {k: v for k, v in report.as_dict().items() if k != "seconds"}}  # no timing: reproducible
-    return write_index(p.out_dir, shards, info, storage), report
+    write_index(out, shards, info, storage)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -107,7 +166,14 @@ def merge_parts(cfg, files: list[Path], part_dirs: list[str]) -> tuple[str, Pack
     p = cfg.pack
     started = time.perf_counter()
     storage = storage_options(cfg.storage)
-    writer = ShardWriter(p.out_dir, p.shard_max_samples, p.shard_max_bytes, storage)
+    with staged_output(p.out_dir, p.overwrite, storage) as out:
+        writer = ShardWriter(out, p.shard_max_samples, p.shard_max_bytes, storage)
+        report = _merge_into(writer, part_dirs)
+        _finish(p, out, files, writer, report, started, storage)
+    return open_store(p.out_dir, storage).url(INDEX_NAME), report
+
+
+def _merge_into(writer: ShardWriter, part_dirs: list[str]) -> PackReport:
     report = PackReport()
     for n, part_dir in enumerate(part_dirs):
         index = load_index(part_dir)
@@ -125,7 +191,7 @@ def merge_parts(cfg, files: list[Path], part_dirs: list[str]) -> tuple[str, Pack
         report.skipped_files += part["skipped_files"]
         report.bands.update(part["bands"])
         report.dtypes.update(part["dtypes"])
-    return _finish(p, files, writer, report, started, storage)
+    return report
 
 
 def pack_on_slurm(cfg, profile, tasks: int) -> tuple[str, PackReport, list[str]]:
@@ -137,6 +203,7 @@ def pack_on_slurm(cfg, profile, tasks: int) -> tuple[str, PackReport, list[str]]
     from knowlip.launch import slurm
 
     check_no_literal_secrets(cfg, "the Slurm pack job")
+    check_pack_output(cfg.pack.out_dir, cfg.pack.overwrite, storage_options(cfg.storage))  # before the array runs
 
     files = find_rasters(cfg.pack.inputs)
     shares = [share for share in split_files(files, max(1, min(tasks, len(files)))) if share]
@@ -215,7 +282,7 @@ def _caption_file(p) -> str | None:
 def _scene_samples(path: Path, p, captions: CaptionIndex) -> Iterator[tuple | None]:
     """(key, members, bands, dtype) for each captioned chip of a scene, None for a chip without a caption."""
     chips = iter_chips(path, p.chip.size, p.chip.stride, p.chip.min_valid_fraction, p.read.product,
-                       list(p.read.band_names))
+                       list(p.read.band_names), p.max_scene_values)
     for chip in chips:
         caption = captions.lookup(chip.chip_id, chip.meta["scene_id"])
         text, spans = _caption_for(caption, chip.meta, p)

@@ -20,7 +20,8 @@ import rasterio
 import rasterio.warp
 import rasterio.windows
 from affine import Affine
-from rasterio.errors import RasterioIOError
+from rasterio._err import CPLE_BaseError  # GDAL errors rasterio does not wrap (not exported elsewhere)
+from rasterio.errors import RasterioError, RasterioIOError
 
 from knowlip.choices import SAR_PRODUCTS
 
@@ -87,6 +88,10 @@ def _open_raster(path: str | Path):
             yield src
     except RasterioIOError as exc:
         raise SarReadError(f"{path}: not a readable raster ({_short(exc)})") from exc
+    except (RasterioError, CPLE_BaseError) as exc:  # e.g. a georeference GDAL cannot transform
+        raise SarReadError(f"{path}: GDAL could not read it ({type(exc).__name__}: {_short(exc)})") from exc
+    except MemoryError as exc:
+        raise SarReadError(f"{path}: reading it needs more memory than there is ({_short(exc)})") from exc
 
 
 def _scene_info(src, path: Path, product: str, band_names: Sequence[str]) -> SceneInfo:
@@ -240,11 +245,18 @@ def iter_chips(
     min_valid_fraction: float,
     product: str = "auto",
     band_names: Sequence[str] = (),
+    max_values: int | None = None,
 ) -> Iterator[Chip]:
     """Tile one scene into chips, reading one strip of chip rows at a time: memory is bounded by
-    size x scene width, and GDAL's per-read overhead is paid once per strip rather than once per chip."""
+    size x scene width, and GDAL's per-read overhead is paid once per strip rather than once per chip. A scene
+    of more than `max_values` values (width x height x bands) is refused before any pixel is read."""
     with _open_raster(path) as src:
         info = _scene_info(src, Path(path), product, band_names)
+        values = info.width * info.height * info.count
+        if max_values is not None and values > max_values:
+            raise SarReadError(f"{path}: {info.width} x {info.height} pixels x {info.count} band(s) = {values:,} "
+                               f"values, over pack.max_scene_values={max_values:,} (a damaged header, or raise "
+                               "the limit)")
         cols = list(chip_starts(info.width, size, stride))
         for row in chip_starts(info.height, size, stride):
             strip, strip_valid = _read_window(src, rasterio.windows.Window(0, row, info.width, size), info)
