@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 from knowlip.choices import EXPORT_DTYPES
 from knowlip.config import ConfigError, DataConfig, EvalConfig, load_config, to_yaml
+from knowlip.launch.run_lock import RunLocked
 from knowlip.launch.slurm import SlurmError
 from knowlip.redact import redact_text
 
@@ -127,12 +128,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from knowlip.launch.local import local_rank_count, rank_env, spawn_local_ranks
     from knowlip.logging_setup import configure_logging
 
+    from knowlip.launch.run_lock import lock_run
+
     cfg = _config(args)  # a bad config fails here, before any process or process group
     ranks = rank_env()
     if ranks is None and cfg.train.engine == "deepspeed":
         nproc = local_rank_count(cfg.dist.nproc_per_node)
         accumulation_steps(cfg, nproc)
         if nproc > 1:
+            lock_run(cfg)  # held by this launcher for the job's life (its rank 0 sees that)
             return spawn_local_ranks(nproc, _train_command(args))
     configure_logging(ranks is None or ranks.rank == 0)
     return _train_rank(cfg, ranks)
@@ -155,6 +159,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Submit training to Slurm with submitit; the config and the request are checked before sbatch."""
     from knowlip.config import accumulation_steps, check_no_literal_secrets
     from knowlip.launch import slurm
+    from knowlip.launch.run_lock import check_unlocked
     from knowlip.train.rank_main import SlurmTrain
 
     cluster_overrides, overrides = _split_cluster_overrides(args.overrides)
@@ -164,6 +169,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.run_dir).resolve()
     cfg = load_config(args.config, overrides + [f"run_dir={run_dir}", "resume=auto"])
     check_no_literal_secrets(cfg, "the Slurm job")
+    check_unlocked(cfg)
     slurm.apply_environment(profile)
     task = SlurmTrain(to_yaml(cfg), run_dir, profile.max_requeues)
     entry = slurm.submit(task, profile, job_name=args.name or f"knowlip-{run_dir.name}")
@@ -456,6 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SlurmError as exc:
         print(f"slurm: {redact_text(str(exc))}", file=sys.stderr)
         return 2
+    except RunLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (OSError, ValueError) as exc:  # FileNotFoundError, StorageError (naming the URL), ShardError
         print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 1

@@ -61,7 +61,7 @@ train: {{steps: 4, log_every: 2, tokenizer_vocab: 300}}
     again = subprocess.run(["bash", str(REPO / "launch/quickstart.sh")], env={**os.environ, "CONFIG": str(config)},
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert "already finished: 4 of 4 steps" in again.stdout
+    assert "already finished: 4 of 4 steps" in again.stdout and "not packing again" in again.stdout
 
 
 def test_resume_mid_epoch_is_bit_exact(tiny_in_process_base, tmp_path):

@@ -24,6 +24,7 @@ from knowlip.data.storage import storage_options
 from knowlip.distributed import all_reduce_floats, barrier, init_process_group
 from knowlip.eval.zero_shot import run_eval, scalars
 from knowlip.launch.local import RankEnv, free_port, resolve_device
+from knowlip.launch.run_lock import lock_run
 from knowlip.launch.signals import StopRequest
 from knowlip.model.build import build_model
 from knowlip.model.flops import peak_flops, training_flops_per_sample
@@ -64,6 +65,8 @@ class Trainer:
         ranks = ranks or RankEnv(0, 1, 0, 1, "127.0.0.1", free_port())
         if cfg.train.engine == "plain" and ranks.world_size > 1:
             raise ValueError("train.engine=plain runs one process; use train.engine=deepspeed for several ranks")
+        if ranks.rank == 0:
+            lock_run(cfg)  # one job per run folder: a second one stops here, before it writes anything
         # Everything that can fail on the config or the data fails here, before any process group exists.
         self.global_batch, self.accumulation = global_batch(cfg, ranks.world_size)
         check_deepspeed_section(OmegaConf.to_container(cfg.deepspeed, resolve=True), cfg.train.zero_stage)
