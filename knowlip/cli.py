@@ -129,6 +129,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from knowlip.logging_setup import configure_logging
 
     from knowlip.launch.run_lock import lock_run
+    from knowlip.train.checkpoint import check_fresh_start
+    from knowlip.train.metrics import history_files
 
     cfg = _config(args)  # a bad config fails here, before any process or process group
     ranks = rank_env()
@@ -137,6 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         accumulation_steps(cfg, nproc)
         if nproc > 1:
             lock_run(cfg)  # held by this launcher for the job's life (its rank 0 sees that)
+            check_fresh_start(cfg, history_files(Path(cfg.run_dir)))  # rank 0 checks again; this is sooner
             return spawn_local_ranks(nproc, _train_command(args))
     configure_logging(ranks is None or ranks.rank == 0)
     return _train_rank(cfg, ranks)
@@ -176,8 +179,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"submitted job {entry['job_id']} ({entry['tasks']} tasks on {profile.nodes} node(s), cluster "
           f"{profile.name})\n  logs: {entry['log_dir']}\n  run:  {run_dir}")
     if cfg.mlflow.enabled:
-        from knowlip.track.mlflow_tracker import tracking_uri
+        from knowlip.track.mlflow_tracker import is_file_store, tracking_uri
 
+        if profile.nodes > 1 and is_file_store(tracking_uri(cfg)[0]):
+            print(f"  note: {profile.nodes} nodes with a file MLflow store ({redact_text(tracking_uri(cfg)[0])}): only "
+                  "rank 0's node writes to it (a file is not safe from several nodes; other nodes' system metrics "
+                  "are off). For every node's metrics run a tracking server (`mlflow server`) and set "
+                  "mlflow.tracking_uri=http://HOST:PORT")
         print(f"  MLflow: {redact_text(tracking_uri(cfg)[0])}, experiment {cfg.mlflow.experiment!r} (the run id "
               f"appears in {run_dir / 'mlflow.json'} and `knowlip jobs` once the job starts; requeues continue "
               "that run)")
@@ -304,19 +312,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_ckpt_ls(args: argparse.Namespace) -> int:
     import time
 
-    from knowlip.train.checkpoint import CHECKPOINTS_DIR, list_checkpoints
+    from knowlip.train.checkpoint import CHECKPOINTS_DIR, abandoned_branches, latest_complete, list_checkpoints
 
-    root = Path(args.run_dir)
-    infos = list_checkpoints(root / CHECKPOINTS_DIR) or list_checkpoints(root)
-    if not infos:
-        print(f"no checkpoints in {root}")
+    given = Path(args.run_dir)
+    root = given / CHECKPOINTS_DIR if (given / CHECKPOINTS_DIR).is_dir() else given
+    infos, branches = list_checkpoints(root), abandoned_branches(root)
+    if not infos and not branches:
+        print(f"no checkpoints in {given}")
         return 1
+    latest = latest_complete(root)
     print(f"{'checkpoint':<28} {'step':>8} {'saved':<19} {'ranks':>5} {'engine':<7} {'MiB':>9}  state")
-    for c in infos:
+
+    def row(c, state: str) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.time)) if c.time else "-"
-        state = "complete" if c.complete else "INCOMPLETE (never resumed)"
         print(f"{c.path.name:<28} {c.step:>8} {when:<19} {c.world_size or '-':>5} {c.engine_label:<7} "
               f"{c.bytes / 2**20:>9.1f}  {state}")
+
+    for c in infos:  # in save order
+        row(c, "INCOMPLETE (never resumed)" if not c.complete else
+            "complete, latest (resume=auto)" if c.path == latest else "complete")
+    for folder, note, kept in branches:
+        print(f"abandoned: {folder} ({note.get('reason', '?')}; never resumed)")
+        for c in kept:
+            row(c, "abandoned")
     return 0
 
 

@@ -212,7 +212,10 @@ class DistConfig:
 
     nproc_per_node: str = "auto"  # auto: one per visible GPU, 2 on a CPU-only machine; or a number
     backend: str = "auto"  # auto: nccl on GPUs, gloo on CPU
-    timeout_s: int = 1800  # collective timeout
+    # Collective timeout: the last resort when one rank dies and nothing else ends the others (the local launcher,
+    # torchrun and `srun --kill-on-bad-exit` normally do, in seconds). Longer than any single collective wait,
+    # including rank 0 hashing a checkpoint at a save (about 1.5 GiB/s).
+    timeout_s: int = 300
 
 
 @dataclass
@@ -266,7 +269,10 @@ class MlflowConfig:
 class KnowlipConfig:
     run_dir: str = "runs/quickstart"
     seed: int = 0
-    resume: str = "auto"  # auto (newest complete checkpoint in the run), none, or a checkpoint folder
+    # auto: the checkpoint `latest` names (a requeue's choice); a checkpoint folder: start a new branch there (what
+    # was saved after it is set aside); none: a fresh start, refused where the run already has a history;
+    # restart: move that history aside, then start afresh.
+    resume: str = "auto"
     synth: SynthConfig = field(default_factory=SynthConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -257,23 +257,26 @@ def test_zero2_resumes_at_another_world_size_keeps_the_training_state(zero2, bas
     assert_same_tensors({k: saved[k] for k in same["params"]}, same["params"])
 
 
-def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(base, tmp_path):
-    """Ranks that stopped agreeing (one skips, the other steps) would wait in mismatched collectives: a short
-    collective timeout turns that into a fast failure of this test instead of a hang."""
+def test_a_nonfinite_loss_or_gradient_on_one_rank_skips_the_step_on_every_rank(base, tmp_path):
+    """Step 2: a finite loss whose gradients are NaN on the last rank (reduced, so on every rank); step 3: a
+    non-finite loss there. Neither step is applied, both are counted. Ranks that stopped agreeing (one skips, the
+    other steps) would wait in mismatched collectives: a short collective timeout turns that into a fast failure
+    of this test instead of a hang."""
     fast = ["dist.timeout_s=30"]
     run = tmp_path / "run"
-    train(run, base, "train.steps=4", "ckpt.every=1", "ckpt.keep=5", *fast, env={"KNOWLIP_FAULT_NAN_STEPS": "3"},
-          timeout=180)
+    train(run, base, "train.steps=4", "ckpt.every=1", "ckpt.keep=5", *fast,
+          env={"KNOWLIP_FAULT_NAN_STEPS": "3", "KNOWLIP_FAULT_NAN_GRADS": "2"}, timeout=180)
     rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-    assert rows[3]["loss"] is None and rows[3]["nonfinite_skipped"] == 1 and rows[4]["nonfinite_in_a_row"] == 0
-    assert rows[4]["loss"] is not None
-    two, three = (consolidated_state_dict(run / f"checkpoints/step_0000000{s}") for s in (2, 3))
+    assert rows[2]["loss"] is not None and rows[2]["grad_norm"] is None and rows[2]["nonfinite_skipped"] == 1
+    assert rows[3]["loss"] is None and rows[3]["nonfinite_skipped"] == 2 and rows[3]["nonfinite_in_a_row"] == 2
+    assert rows[4]["loss"] is not None and rows[4]["nonfinite_in_a_row"] == 0
+    one, two, three = (consolidated_state_dict(run / f"checkpoints/step_0000000{s}") for s in (1, 2, 3))
     trainable = [k for k in two if k.split(".")[0] in ("vision", "text", "vision_proj", "text_proj", "itm_head")]
-    assert all(torch.equal(two[k], three[k]) for k in trainable)  # no update at step 3, on either rank
+    assert all(torch.equal(one[k], two[k]) and torch.equal(two[k], three[k]) for k in trainable)  # no update
 
     stuck = train(tmp_path / "stuck", base, "train.max_nonfinite_in_a_row=2", *fast,
                   env={"KNOWLIP_FAULT_NAN_STEPS": "2-9"}, check=False, timeout=180)
-    assert stuck.returncode == 3 and "2 non-finite losses in a row" in stuck.stderr
+    assert stuck.returncode == 3 and "2 non-finite losses or gradients in a row" in stuck.stderr
     assert [c.step for c in list_checkpoints(tmp_path / "stuck/checkpoints") if c.complete] == [3]
 
 

@@ -50,6 +50,20 @@ def test_plain_engine_clips_the_gradient_adam_receives(tmp_path):
         assert exp_avg.norm().item() / (1 - 0.9) == pytest.approx(expected, rel=1e-5)
 
 
+def test_plain_engine_does_not_apply_nonfinite_gradients(tmp_path):
+    from knowlip.train.faults import poison_gradients
+
+    engine = PlainEngine(_Quadratic(), make_config(tmp_path), torch.device("cpu"), bf16=False)
+    before = engine.module.w.detach().clone()
+    loss = (engine.module.w ** 2).sum() + poison_gradients(engine.module.w)
+    assert torch.isfinite(loss)
+    engine.backward(loss)
+    assert math.isnan(engine.step())
+    assert torch.equal(engine.module.w, before) and engine.module.w.grad is None and not engine.optimizer.state
+    engine.backward((engine.module.w ** 2).sum())  # the next step applies as usual
+    assert engine.step() == pytest.approx(60.0) and not torch.equal(engine.module.w, before)
+
+
 def test_deepspeed_config_sets_clipping_explicitly_and_derives_batch_sizes(tmp_path):
     cfg = make_config(tmp_path, "data.batch_size=4", "train.global_batch_size=32",
                       "deepspeed.zero_optimization.reduce_bucket_size=1000")
@@ -288,3 +302,76 @@ def test_bf16_weights_checkpoint_restores_masters_momentum_and_optimizer(tmp_pat
     autocast_engine.save(tmp_path / "plain")
     with pytest.raises(ValueError, match="written without bf16 weights"):
         fresh.load(tmp_path / "plain")
+
+
+def _saves(root, *steps, keep=10):
+    """Fake checkpoints saved in this order (not step order)."""
+    for step in steps:
+        partial = _fake_checkpoint(root, step, complete=False)
+        ckpt.commit_save(partial, {"step": step, "world_size": 2, "engine": "deepspeed"}, keep=keep)
+
+
+def test_auto_takes_latest_and_pruning_goes_by_save_order(tmp_path):
+    """A run that went back to step 2 saves step 3 after step 6: resume=auto takes step 3 (what `latest` names,
+    the newest save), not the highest step; pruning keeps the newest saves, never the save just made."""
+    root = tmp_path / "checkpoints"
+    _saves(root, 6, 2, 3, keep=2)
+    assert [c.path.name for c in ckpt.list_checkpoints(root)] == ["step_00000002", "step_00000003"]
+    assert ckpt.latest_complete(root).name == "step_00000003"
+    (root / "latest").unlink()  # without `latest`: the newest by save order, still not the highest step
+    _saves(root, 1, keep=5)
+    (root / "latest").write_text("step_00000009\n")  # names nothing complete
+    assert ckpt.latest_complete(root).name == "step_00000001"
+
+
+def test_a_rollback_starts_a_branch_and_sets_the_later_saves_aside(tmp_path):
+    root = tmp_path / "checkpoints"
+    _saves(root, 2, 4, 6)
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"resume={root / 'step_00000002'}"])
+    plan = ckpt._pick_resume(cfg, 2, [])
+    assert plan.path == root / "step_00000002" and not plan.universal
+    assert [c.path.name for c in ckpt.list_checkpoints(root)] == ["step_00000002"]
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    [(folder, note, kept)] = ckpt.abandoned_branches(root)
+    assert folder == plan.abandoned and [c.path.name for c in kept] == ["step_00000004", "step_00000006"]
+    assert all(c.complete for c in kept) and note["resumed_from"] == str(root / "step_00000002")
+    _saves(root, 4)  # the new branch's step 4 does not replace the abandoned one
+    assert ckpt._pick_resume(load_config(None, [f"run_dir={tmp_path}"]), 2, []).path == root / "step_00000004"
+    assert len(ckpt.abandoned_branches(root)) == 1 and (folder / "step_00000004" / "meta.json").is_file()
+
+
+def test_auto_falls_back_past_a_damaged_checkpoint_and_says_so(tmp_path, capsys):
+    root = tmp_path / "checkpoints"
+    _saves(root, 2, 4)
+    (root / "step_00000004" / "engine" / "x.pt").write_bytes(b"1" * 100)
+    plan = ckpt._pick_resume(load_config(None, [f"run_dir={tmp_path}"]), 2, [])
+    assert plan.path == root / "step_00000002"
+    err = capsys.readouterr().err
+    assert "step_00000004 cannot be resumed" in err and "sha256 does not match" in err and "falling back to step_00000002" in err
+    assert [c.path.name for c in ckpt.abandoned_branches(root)[0][2]] == ["step_00000004"]  # kept to inspect
+    (root / "step_00000002" / "engine" / "x.pt").write_bytes(b"1" * 100)
+    with pytest.raises(ckpt.UntrustedCheckpoint, match="step_00000002"):  # nothing left to fall back to
+        ckpt._pick_resume(load_config(None, [f"run_dir={tmp_path}"]), 2, [])
+    _saves(root, 6)
+    (root / "step_00000006" / "engine" / "x.pt").write_bytes(b"1" * 100)
+    with pytest.raises(ckpt.UntrustedCheckpoint):  # an explicit choice never falls back
+        ckpt._pick_resume(load_config(None, [f"run_dir={tmp_path}", f"resume={root / 'step_00000006'}"]), 2, [])
+
+
+def test_resume_none_is_refused_on_a_history_and_restart_sets_it_aside(tmp_path):
+    root, metrics = tmp_path / "checkpoints", tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 5}\n')
+    none = load_config(None, [f"run_dir={tmp_path}", "resume=none"])
+    with pytest.raises(ValueError, match="resume=none, but this run already has a history.*resume=restart"):
+        ckpt._pick_resume(none, 2, [metrics])
+    _saves(root, 5)
+    metrics.unlink()
+    with pytest.raises(ValueError, match="already has a history"):
+        ckpt._pick_resume(none, 2, [metrics])
+    metrics.write_text('{"step": 5}\n')
+    plan = ckpt._pick_resume(load_config(None, [f"run_dir={tmp_path}", "resume=restart"]), 2, [metrics])
+    assert plan.path is None and not metrics.exists() and ckpt.list_checkpoints(root) == []
+    [(folder, note, kept)] = ckpt.abandoned_branches(root)
+    assert note["reason"] == "resume=restart" and (folder / "metrics.jsonl").read_text() == '{"step": 5}\n'
+    assert [c.path.name for c in kept] == ["step_00000005"]
+    assert ckpt._pick_resume(none, 2, [metrics]).path is None  # the folder is fresh again

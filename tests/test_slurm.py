@@ -133,6 +133,53 @@ def test_usr2_saves_requeues_and_resumes_to_the_same_losses(local_run, tiny_trai
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("cluster")
+def test_preemption_by_a_higher_priority_job_saves_requeues_once_and_resumes(local_run, tiny_train_base, tmp_path):
+    """Slurm's own preemption (cluster/local/up.sh: PreemptType=preempt/partition_prio, PreemptMode=REQUEUE,
+    GraceTime=60 on `debug`): a job on the `urgent` partition takes the whole node; ours gets SIGTERM, saves
+    within the grace time, is requeued once, and resumes to the uninterrupted run's losses, each step once."""
+    run = tmp_path / "run"
+    job = job_id_of(knowlip(tmp_path, "submit", "--cluster", "local", f"run_dir={run}", *tiny_train_base,
+                            "train.steps=16"))
+    deadline = wait_for_steps(run, 3)
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--exclusive", "-N1", "-o", str(tmp_path / "u.out"),
+                             "--wrap", "echo urgent ran"], capture_output=True, text=True, check=True).stdout.strip()
+    assert slurm.wait_until_finished(job, timeout=max(1.0, deadline - time.monotonic())), slurm.accounting(job)
+    records = slurm.accounting(job)
+    assert [r["state"].split()[0] for r in records] == ["REQUEUED", "COMPLETED"], records
+    assert slurm.wait_until_finished(urgent, timeout=60)
+    assert [r["state"].split()[0] for r in slurm.accounting(urgent)] == ["COMPLETED"]
+    assert losses(run) == losses(local_run)  # every step once, the uninterrupted run's numbers
+    status = json.loads((run / slurm.STATUS_FILE).read_text())
+    assert [s["event"] for s in status] == ["requeued"] and "preempted" in status[0]["message"], status
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("cluster")
+def test_a_failed_save_on_rank_0_ends_the_slurm_job_without_waiting_for_the_timeout(tiny_train_base, tmp_path):
+    """ENOSPC in rank 0's save while rank 1 waits in a collective: `srun --kill-on-bad-exit` ends the step
+    (without it: dist.timeout_s); the job is FAILED, not requeued, and the previous checkpoint is whole."""
+    from knowlip.train.checkpoint import latest_complete, verify_checkpoint
+
+    run = tmp_path / "run"
+    job = job_id_of(knowlip(tmp_path, "submit", "--cluster", "local", f"run_dir={run}", *tiny_train_base,
+                            "train.steps=4", "ckpt.every=2", env={"KNOWLIP_FAULT_ENOSPC_IN_SAVE": "4"}))
+    partial = run / "checkpoints" / "step_00000004.partial"
+    deadline = time.monotonic() + 300
+    while not partial.exists():
+        assert time.monotonic() < deadline and not slurm.job_finished(job), slurm.accounting(job)
+        time.sleep(0.1)
+    failed_at = time.monotonic()
+    assert slurm.wait_until_finished(job, timeout=240), slurm.accounting(job)
+    took = time.monotonic() - failed_at
+    print(f"failure to job end under Slurm: {took:.1f} s")
+    assert [r["state"].split()[0] for r in slurm.accounting(job)] == ["FAILED"]
+    assert took < 60, took
+    assert latest_complete(run / "checkpoints").name == "step_00000002"
+    verify_checkpoint(run / "checkpoints" / "step_00000002")
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("cluster")
 def test_impossible_requests_fail_at_submit_with_what_was_asked(tiny_train_base, tmp_path):
     proc = knowlip(tmp_path, "submit", "--cluster", "local", "cluster.cpus_per_task=64", *tiny_train_base)
     assert proc.returncode == 2

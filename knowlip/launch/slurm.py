@@ -4,12 +4,16 @@ A cluster profile (`cluster/NAME.yaml`, or a path) says what to ask Slurm for; `
 command line overrides it. The request is checked against the partition (sinfo) before sbatch.
 
 Preemption and time limits: Slurm sends SIGUSR2 `signal_delay_s` before the limit (or `scancel
---signal=USR2`), SIGTERM on preemption. submitit's own USR2 handler calls checkpoint() on rank 0 and then
-requeues and exits inside the handler, before any collective save could run, so `SlurmTask` installs its own
-handlers on every rank instead: a signal only sets the stop flag; the trainer's ranks agree on it at the next
-step boundary, save one checkpoint together and return; then rank 0 requeues the job (`scontrol requeue`,
-at most `max_requeues` times) and the requeued job resumes from that checkpoint (resume=auto). A job that
-fails for a real error raises, is marked FAILED and is not requeued.
+--signal=USR2`); SIGTERM when it preempts the job (PreemptMode=REQUEUE: at the start of the partition's
+GraceTime), and also on `scancel` or at a time limit. submitit's own USR2 handler calls checkpoint() on rank 0
+and then requeues and exits inside the handler, before any collective save could run, so `SlurmTask` installs
+its own handlers on every rank instead: a signal only sets the stop flag; the trainer's ranks agree on it at
+the next step boundary, save one checkpoint together and return. Then rank 0 requeues the job (`scontrol
+requeue`, at most `max_requeues` times) after USR2, or after SIGTERM when Slurm is preempting it (its
+PreemptTime is set): a job that ends within its grace time is not requeued by Slurm (it counts as completed),
+and requeueing at once frees the nodes for the preempting job sooner. Any other SIGTERM (a cancel) saves and
+ends the job. The requeued job resumes from that checkpoint (resume=auto). A job that fails for a real error
+raises, is marked FAILED and is not requeued; `srun --kill-on-bad-exit` ends the other ranks at once.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -185,7 +190,8 @@ def make_executor(p: ClusterProfile, folder: Path, job_name: str):
         cpus_per_task=p.cpus_per_task, gpus_per_node=p.gpus_per_node or None,
         mem=f"{int(p.mem_gb * 1024)}MB" if p.mem_gb else None, time=p.time_min, signal_delay_s=p.signal_delay_s,
         exclusive=p.exclusive or None, account=p.account, qos=p.qos, constraint=p.constraint,
-        setup=list(p.setup), additional_parameters=extra)
+        setup=list(p.setup), additional_parameters=extra,
+        srun_args=["--kill-on-bad-exit=1"])  # one task failing ends the step: no rank left waiting in a collective
     return executor
 
 
@@ -230,20 +236,36 @@ class SlurmTask:
         rank = int(os.environ.get("SLURM_PROCID", "0"))
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         job_id = os.environ.get("SLURM_JOB_ID", "")
+        preempted = stop.signum == signal.SIGTERM and being_preempted(job_id)
+        if stop.signum == signal.SIGTERM and not preempted:  # scancel, a time limit reached, a node going down
+            if rank == 0:
+                write_status(self.run_dir, job_id, "stopped", "stopped by SIGTERM (not a preemption) with a "
+                             "checkpoint; not requeued: submit again to resume")
+            raise SystemExit(0)
+        why = "preempted (SIGTERM in the grace time)" if preempted else f"stopped by {stop.name}"
         if restarts >= self.max_requeues:
-            message = (f"stopped by {stop.name} with a checkpoint, not requeued: {restarts} requeues already "
+            message = (f"{why} with a checkpoint, not requeued: {restarts} requeues already "
                        f"(cluster.max_requeues={self.max_requeues})")
             if rank == 0:
                 write_status(self.run_dir, job_id, "requeue limit", message)
             raise RuntimeError(message)
         if rank == 0:
-            write_status(self.run_dir, job_id, "requeued", f"stopped by {stop.name}; requeue {restarts + 1} of at "
-                         f"most {self.max_requeues}")
-            try:
+            write_status(self.run_dir, job_id, "requeued", f"{why}; requeue {restarts + 1} of at most "
+                         f"{self.max_requeues}")
+            try:  # at once, not at the end of the grace time: the preempting job starts sooner
                 run_slurm(["scontrol", "requeue", job_id])
-            except SlurmError as exc:  # already being requeued (preemption with PreemptMode=REQUEUE) or ending
+            except SlurmError as exc:  # already being requeued or ending
                 print(f"knowlip: {exc}", file=sys.stderr)
         raise SystemExit(0)  # no result file: the job is not over, its requeued run will write one
+
+
+def being_preempted(job_id: str) -> bool:
+    """Slurm has chosen this job for preemption: `scontrol show job` gives its PreemptTime (None otherwise)."""
+    try:
+        out = run_slurm(["scontrol", "show", "job", "-o", job_id], timeout=30)
+    except (SlurmError, subprocess.TimeoutExpired):
+        return False
+    return any(f.startswith("PreemptTime=") and f != "PreemptTime=None" for f in out.split())
 
 
 def write_status(run_dir: Path, job_id: str, event: str, message: str) -> None:

@@ -42,6 +42,12 @@ def tracking_uri(cfg) -> tuple[str, str | None]:
     return (uri, None) if uri else default_store(Path(cfg.run_dir))
 
 
+def is_file_store(uri: str) -> bool:
+    """A store that is a file on disk (sqlite, a file:// folder): one writer at a time, not safe from several
+    nodes over a network file system."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
 def ui_command(cfg) -> str:
     """The command that opens the MLflow UI on this run's store."""
     uri, artifacts = tracking_uri(cfg)

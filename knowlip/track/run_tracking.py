@@ -1,5 +1,6 @@
 """The MLflow side of one training job: rank 0 opens the run (or reopens it on resume) with the job's facts,
-local rank 0 of every node samples that node's system metrics into it, and the run is closed with its report."""
+local rank 0 of every node samples that node's system metrics into it (with a file store such as the default
+sqlite only rank 0's node: one writer to the file), and the run is closed with its report."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from knowlip.distributed import broadcast_object
 from knowlip.redact import redact_text
-from knowlip.track.mlflow_tracker import MlflowTracker, SystemMetrics
+from knowlip.track.mlflow_tracker import MlflowTracker, SystemMetrics, is_file_store
 from knowlip.track.report import write_report
 
 
@@ -56,7 +57,8 @@ class RunTracking:
                 tracker.log_artifact_text(json.dumps(engine_config, indent=1), "deepspeed_config.json")
         shared_id, uri = broadcast_object((tracker.run_id, tracker.uri) if tracker else (None, None))
         system = None
-        if shared_id and cfg.mlflow.system_metrics and local_rank == 0:
+        sampler = rank == 0 if is_file_store(uri or "") else local_rank == 0
+        if shared_id and cfg.mlflow.system_metrics and sampler:
             system = SystemMetrics(uri, shared_id, cfg.mlflow.system_interval_s)
         return cls(tracker, system)
 

@@ -15,10 +15,18 @@ save and what a checkpoint holds.
         tokenizer/, config.yaml   what export needs to stand alone
         universal/                DeepSpeed's universal form, made on demand for a resume at another world size
       step_00000160.partial/      a save in progress (or killed): never resumed, removed by the next save
+      abandoned/<when>-<why>/     checkpoints (and metrics rows) of a branch the run left: kept, never resumed
 
-A save writes into `<name>.partial/`; once every rank has finished (a barrier), rank 0 writes meta.json,
-renames the folder to its final name, updates `latest` by rename, and prunes to the newest `ckpt.keep`.
-A kill at any point leaves the previous complete checkpoint as the one `resume=auto` finds.
+A save writes into `<name>.partial/`; once every rank has finished (a barrier), rank 0 writes meta.json
+(with the save's sequence number), renames the folder to its final name, updates `latest` by rename, and
+prunes to the `ckpt.keep` newest by save order (never the save just made). A kill at any point leaves the
+previous complete checkpoint as the one `resume=auto` finds.
+
+The run's history: `resume=auto` takes the checkpoint `latest` names (else the newest complete one by save
+order), falling back to the one saved before it when a checkpoint fails its check. Resuming from any other
+checkpoint starts a new branch: the checkpoints saved after it are moved to abandoned/ first, so that neither
+a requeue nor pruning can pick them. `resume=none` is refused where a history exists; `resume=restart` moves
+that history aside and starts afresh.
 
 Checkpoints are data, not code: knowlip's own files are read with `weights_only=True` (tensors, numbers,
 strings, lists, dicts; a pickled payload cannot run), and DeepSpeed's files, which DeepSpeed unpickles, are
@@ -82,6 +90,7 @@ class CheckpointInfo:
     world_size: int | None
     engine: str | None
     zero_stage: int | None = None  # deepspeed only
+    seq: int = 0  # save order within the run (saves from before it: 0, ordered by time)
 
     @property
     def engine_label(self) -> str:
@@ -121,13 +130,31 @@ def list_checkpoints(root: Path) -> list[CheckpointInfo]:
             out.append(CheckpointInfo(path, int(digits), False, None, folder_bytes(path), None, None))
         else:
             out.append(CheckpointInfo(path, int(digits), True, meta["time"], meta["bytes"], meta["world_size"],
-                                      meta["engine"], zero_stage_of(meta)))
-    return sorted(out, key=lambda c: (c.step, c.complete))
+                                      meta["engine"], zero_stage_of(meta), int(meta.get("seq", 0))))
+    return sorted(out, key=save_order)
+
+
+def save_order(c: CheckpointInfo) -> tuple:
+    """Complete checkpoints in the order they were saved (not by step: a run that went back to an earlier
+    checkpoint saves lower steps later), then incomplete ones by step."""
+    return (not c.complete, c.seq, c.time or 0.0, c.step)
 
 
 def latest_complete(root: Path) -> Path | None:
+    """The checkpoint `latest` names when it is complete, else the newest complete one by save order."""
     complete = [c for c in list_checkpoints(root) if c.complete]
+    named = _latest_named(root)
+    if named is not None and any(c.path == named for c in complete):
+        return named
     return complete[-1].path if complete else None
+
+
+def _latest_named(root: Path) -> Path | None:
+    try:
+        name = (root / LATEST).read_text().strip()
+    except OSError:
+        return None
+    return root / name if name.startswith(PREFIX) and "/" not in name else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -145,12 +172,92 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def resume_path(cfg) -> Path | None:
-    """What `resume=auto|none|PATH` means for this run (rank 0 decides, then broadcasts)."""
-    if cfg.resume == "none":
+    """What `resume=auto|none|restart|PATH` means for this run, before any checkpoint is checked."""
+    if cfg.resume in ("none", "restart"):
         return None
     if cfg.resume == "auto":
         return latest_complete(checkpoint_root(cfg))
     return resolve_checkpoint(cfg.resume)
+
+
+def resume_candidates(root: Path) -> list[Path]:
+    """resume=auto's choices in order: what `latest` names, then every other complete checkpoint, newest saved
+    first (the fall-backs when one fails its check)."""
+    first = latest_complete(root)
+    if first is None:
+        return []
+    rest = [c.path for c in reversed(list_checkpoints(root)) if c.complete and c.path != first]
+    return [first, *rest]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run's history: branches, a fresh start
+# ----------------------------------------------------------------------------------------------------------
+
+ABANDONED = "abandoned"  # under the checkpoint root
+ABANDONED_NOTE = "abandoned.json"
+
+
+def history_exists(root: Path, files: list[Path]) -> bool:
+    return bool(list_checkpoints(root)) or any(f.is_file() and f.stat().st_size for f in files)
+
+
+def check_fresh_start(cfg, files: list[Path]) -> None:
+    """resume=none where the run already has checkpoints or metrics: refused (the new steps would interleave
+    with the old ones, and pruning would mix the two)."""
+    root = checkpoint_root(cfg)
+    if cfg.resume == "none" and history_exists(root, files):
+        raise ValueError(f"{cfg.run_dir}: resume=none, but this run already has a history (checkpoints in {root} "
+                         "or metrics.jsonl); use a new run_dir, resume=auto to continue it, or resume=restart to "
+                         f"move that history to {root / ABANDONED} and start afresh")
+
+
+def set_aside(root: Path, paths: list[Path], why: str, note: dict) -> Path | None:
+    """Move checkpoints (and run files) into a new folder under <root>/abandoned/; returns it (None: nothing)."""
+    paths = [p for p in paths if p.exists()]
+    if not paths:
+        return None
+    folder = root / ABANDONED / f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
+    n = 1
+    while folder.exists():
+        folder, n = folder.with_name(f"{folder.name.rsplit('.', 1)[0]}.{n}"), n + 1
+    folder.mkdir(parents=True)
+    for path in paths:
+        path.rename(folder / path.name)
+    _write_atomic(folder / ABANDONED_NOTE, json.dumps({**note, "time": time.time(), "moved": [p.name for p in paths]},
+                                                      indent=1))
+    return folder
+
+
+def start_branch(root: Path, chosen: Path, reason: str) -> Path | None:
+    """Resuming from `chosen`: every checkpoint saved after it (and any partial save) is moved aside, and
+    `latest` names `chosen`, so that the new branch is the only one a later resume or prune sees. A checkpoint
+    of another run (or folder) starts this root's history afresh: all of its checkpoints are moved aside."""
+    infos = list_checkpoints(root)
+    mine = next((c for c in infos if c.path.resolve() == chosen.resolve()), None)
+    if mine is not None:
+        later = [c.path for c in infos if c is not mine and save_order(c) > save_order(mine)]
+    else:
+        later = [c.path for c in infos]
+    folder = set_aside(root, later, f"after-{chosen.name}", {"reason": reason, "resumed_from": str(chosen)})
+    if folder is not None:
+        if mine is not None:
+            _write_atomic(root / LATEST, chosen.name + "\n")
+        else:
+            (root / LATEST).unlink(missing_ok=True)
+    return folder
+
+
+def abandoned_branches(root: Path) -> list[tuple[Path, dict, list[CheckpointInfo]]]:
+    """(folder, its note, its checkpoints) for every set-aside branch, oldest first."""
+    out = []
+    for folder in sorted((root / ABANDONED).glob("*")) if (root / ABANDONED).is_dir() else []:
+        try:
+            note = json.loads((folder / ABANDONED_NOTE).read_text())
+        except (OSError, ValueError):
+            note = {}
+        out.append((folder, note, list_checkpoints(folder)))
+    return out
 
 
 def begin_save(root: Path, step: int) -> Path:
@@ -165,8 +272,9 @@ def begin_save(root: Path, step: int) -> Path:
 def commit_save(partial: Path, meta: dict, keep: int) -> Path:
     """Rank 0, after every rank finished writing: record every file's sha256, mark complete, publish, point
     `latest` at it, prune."""
-    meta = {**meta, "complete": True, "time": time.time(), "bytes": folder_bytes(partial),
-            "files": file_digests(partial)}
+    done = [c.seq for c in list_checkpoints(partial.parent) if c.complete]
+    meta = {**meta, "complete": True, "time": time.time(), "seq": max(done, default=0) + 1,
+            "bytes": folder_bytes(partial), "files": file_digests(partial)}
     _write_atomic(partial / META, json.dumps(meta, indent=1))
     final = partial.with_name(partial.name.removesuffix(PARTIAL))
     if final.exists():  # the same step saved again (e.g. a re-run after resuming from it): replace it
@@ -182,11 +290,11 @@ def commit_save(partial: Path, meta: dict, keep: int) -> Path:
 
 
 def prune(root: Path, keep: int) -> list[Path]:
-    """Remove all but the newest `keep` complete checkpoints, and partial folders older than the newest."""
+    """Remove all but the `keep` newest complete checkpoints by save order (the save just made is the newest),
+    and partial folders (the run lock means no other save is in progress)."""
     infos = list_checkpoints(root)
     complete = [c for c in infos if c.complete]
-    newest = complete[-1].step if complete else -1
-    doomed = [c.path for c in complete[:-keep]] + [c.path for c in infos if not c.complete and c.step < newest]
+    doomed = [c.path for c in complete[:-keep]] + [c.path for c in infos if not c.complete]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -396,15 +504,23 @@ def _components_of(state: dict) -> dict:
             "loader": state["loader"], "buffers": state["buffers"], "scio": state.get("scio") or {}}
 
 
-def plan_resume(cfg, rank: int, world_size: int) -> tuple[Path | None, bool]:
-    """(checkpoint to resume from or None, whether through its universal form). Rank 0 picks it (and converts
-    it when the world size changed); every rank follows (a broadcast: every rank calls this)."""
+@dataclass
+class ResumePlan:
+    path: Path | None = None  # None: a fresh start
+    universal: bool = False  # through the universal form (another world size)
+    abandoned: Path | None = None  # where the checkpoints of the branch left behind went
+
+
+def plan_resume(cfg, rank: int, world_size: int, run_files: list[Path]) -> ResumePlan:
+    """Where this job starts. Rank 0 decides (checks, falls back, moves an abandoned branch aside, converts for
+    another world size); every rank follows (a broadcast: every rank calls this). `run_files`: the run's own
+    history files (metrics), which resume=none refuses to mix with and resume=restart moves aside."""
     from knowlip.distributed import broadcast_object
 
-    plan, error = (None, False), None
+    plan, error = ResumePlan(), None
     if rank == 0:
         try:
-            plan = _pick_resume(cfg, world_size)
+            plan = _pick_resume(cfg, world_size, run_files)
         except (ValueError, FileNotFoundError, RuntimeError) as exc:
             error = exc
     plan, error = broadcast_object((plan, error))
@@ -413,10 +529,45 @@ def plan_resume(cfg, rank: int, world_size: int) -> tuple[Path | None, bool]:
     return plan
 
 
-def _pick_resume(cfg, world_size: int) -> tuple[Path | None, bool]:
-    path = resume_path(cfg)
-    if path is None:
-        return None, False
+def _say(message: str) -> None:
+    print(f"knowlip: {message}", file=sys.stderr)
+
+
+def _pick_resume(cfg, world_size: int, run_files: list[Path]) -> ResumePlan:
+    root = checkpoint_root(cfg)
+    if cfg.resume == "none":
+        check_fresh_start(cfg, run_files)
+        return ResumePlan()
+    if cfg.resume == "restart":
+        moved = set_aside(root, [c.path for c in list_checkpoints(root)] + list(run_files), "restart",
+                          {"reason": "resume=restart"})
+        (root / LATEST).unlink(missing_ok=True)
+        if moved is not None:
+            _say(f"resume=restart: the run's earlier checkpoints and metrics were moved to {moved}")
+        return ResumePlan()
+    explicit = cfg.resume != "auto"
+    candidates = [resolve_checkpoint(cfg.resume)] if explicit else resume_candidates(root)
+    for n, path in enumerate(candidates):
+        try:
+            universal = _prepare_resume(cfg, path, world_size)
+        except (UntrustedCheckpoint, RuntimeError) as exc:  # damaged, or its conversion failed
+            if explicit or n + 1 == len(candidates):
+                raise
+            _say(f"{path.name} cannot be resumed ({exc}); falling back to {candidates[n + 1].name}, the one saved "
+                 "before it")
+            continue
+        reason = f"resume={cfg.resume}" if explicit else f"resume=auto fell back past {n} damaged checkpoint(s)"
+        abandoned = start_branch(root, path, reason)
+        if abandoned is not None:
+            _say(f"resuming from {path.name} starts a new branch: what was saved after it is kept in {abandoned} "
+                 "(never resumed)")
+        return ResumePlan(path, universal, abandoned)
+    return ResumePlan()
+
+
+def _prepare_resume(cfg, path: Path, world_size: int) -> bool:
+    """Check `path` against this job (engine, stage) and verify it (converting it for another world size).
+    Returns whether the resume goes through the universal form."""
     meta = read_meta(path)
     if meta["engine"] != cfg.train.engine:
         raise ValueError(f"{path}: written by the {meta['engine']} engine, but train.engine={cfg.train.engine}")
@@ -427,12 +578,12 @@ def _pick_resume(cfg, world_size: int) -> tuple[Path | None, bool]:
                          f"form): resume with train.zero_stage={stage}")
     universal = meta["world_size"] != world_size
     if universal:  # the conversion verifies the checkpoint first
-        print(f"knowlip: {path.name} was saved by {meta['world_size']} rank(s); this job has "
-              f"{world_size}: converting it to a universal checkpoint", file=sys.stderr)
-        convert_to_universal(path, log=lambda m: print(f"knowlip: {m}", file=sys.stderr))
+        _say(f"{path.name} was saved by {meta['world_size']} rank(s); this job has {world_size}: converting it to "
+             "a universal checkpoint")
+        convert_to_universal(path, log=_say)
     else:
         verify_checkpoint(path)  # before any rank lets DeepSpeed unpickle its files
-    return path, universal
+    return universal
 
 
 class CheckpointManager:

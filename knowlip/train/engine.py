@@ -78,7 +78,7 @@ def deepspeed_config(cfg, world_size: int, accumulation: int, bf16: bool, univer
         "gradient_clipping": float(cfg.train.grad_clip),  # explicit: DeepSpeed's default is 1.0, not off
         # Overlap the gradient reduction with backward: DeepSpeed's default at stage 3, not below it.
         "zero_optimization": {"stage": stage, "overlap_comm": True},
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},  # stages 1-2 skip non-finite steps only so
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -129,12 +129,16 @@ class PlainEngine:
 
     @torch.no_grad()
     def step(self) -> float:
-        """Clip (train.grad_clip; 0 = off), apply, clear. Returns the global gradient norm before clipping."""
+        """Clip (train.grad_clip; 0 = off), apply, clear. Returns the global gradient norm before clipping; a
+        non-finite one means the step was not applied."""
         for p, master in self.masters.items():  # bf16 gradients -> the float32 masters the optimiser owns
             master.grad = p.grad.float() if p.grad is not None else None
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         clip = self.cfg.train.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if not torch.isfinite(norm):  # skipped, as DeepSpeed's ZeRO optimisers skip it
+            self.skip_step()
+            return float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.masters:  # the model clamps its bf16 temperature in forward; its master is clamped here (as ZeRO-3)
@@ -270,7 +274,8 @@ class ZeroEngine:
 
     def step(self) -> float:
         """The optimiser step at the accumulation boundary (DeepSpeed clips by train.grad_clip). Returns the
-        global gradient norm before clipping."""
+        global gradient norm before clipping: inf when DeepSpeed found it non-finite and did not apply the step
+        (every ZeRO stage checks; in bf16 because `check_grad_overflow` is set)."""
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
         self._micro = 0

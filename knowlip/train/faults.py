@@ -2,7 +2,9 @@
 
 KNOWLIP_FAULT_<NAME>=a or a-b fires at these (1-based) steps:
 - NAN_STEPS: the last rank sees a non-finite loss;
+- NAN_GRADS: the last rank's loss stays finite but its gradients are not (`poison_gradients`);
 - KILL_IN_SAVE: the last rank is killed (SIGKILL) with its checkpoint files half written;
+- ENOSPC_IN_SAVE: rank 0's save fails with "No space left on device" (the other ranks wait in the save);
 - SLOW_STEPS: each step sleeps 0.5 s (a window for outages, tests/test_mlflow.py).
 """
 
@@ -22,3 +24,10 @@ def fault_at(name: str, step: int) -> bool:
 
 def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poison_gradients(param: "torch.Tensor") -> "torch.Tensor":
+    """A zero to add to the loss whose gradient with respect to `param` is NaN: 0 x d sqrt(x)/dx at x = 0."""
+    import torch
+
+    return (torch.sqrt(param - param.detach()) * 0).sum()

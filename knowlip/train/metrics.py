@@ -48,14 +48,26 @@ def memory_use(device: torch.device) -> dict:
     return {"max_mem_gib": round(rss, 3), "mem_kind": "host_rss"}
 
 
-def truncate_metrics(path: Path, step: int) -> None:
+METRICS_FILE = "metrics.jsonl"
+SCIO_SAMPLES_FILE = "scio_samples.jsonl"
+
+
+def history_files(run_dir: Path) -> list[Path]:
+    """A run's own record of its steps (beside the checkpoints): what resume=none must not mix with."""
+    return [Path(run_dir) / METRICS_FILE, Path(run_dir) / SCIO_SAMPLES_FILE]
+
+
+def truncate_metrics(path: Path, step: int, keep_dropped_in: Path | None = None) -> None:
     """A resumed run continues the same metrics.jsonl: rows past the checkpoint's step (logged before a crash
-    and about to be redone) are dropped."""
+    and about to be redone, or of a branch the run left) are dropped, or kept in `keep_dropped_in`."""
     if not path.is_file():
         return
     rows = path.read_text().splitlines()
     keep = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
     if len(keep) != len(rows):
+        if keep_dropped_in is not None:
+            dropped = [r for r in rows if r.strip() and json.loads(r).get("step", 0) > step]
+            (keep_dropped_in / path.name).write_text("".join(r + "\n" for r in dropped))
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(r + "\n" for r in keep))
         tmp.replace(path)

@@ -8,7 +8,9 @@ After the step: metrics (rank 0, <run_dir>/metrics.jsonl), then a checkpoint whe
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -32,11 +34,12 @@ from knowlip.ops.sar_norm import normalise_batch
 from knowlip.text.tokenizer import CaptionTokenizer, run_tokenizer
 from knowlip.track.run_tracking import RunTracking, run_facts
 from knowlip.train import scio_loop
-from knowlip.train.checkpoint import TOKENIZER, CheckpointManager, ModelBuffers, plan_resume, resolve_checkpoint
+from knowlip.train.checkpoint import STATE, TOKENIZER, CheckpointManager, ModelBuffers, plan_resume, resolve_checkpoint
 from knowlip.train.engine import build_engine, check_deepspeed_section
 from knowlip.train.export import export_checkpoint
-from knowlip.train.faults import fault_at, kill_self
-from knowlip.train.metrics import MetricsFile, ProgressBar, Throughput, memory_use, truncate_metrics
+from knowlip.train.faults import fault_at, kill_self, poison_gradients
+from knowlip.train.metrics import (METRICS_FILE, SCIO_SAMPLES_FILE, MetricsFile, ProgressBar, Throughput,
+                                   history_files, memory_use, truncate_metrics)
 from knowlip.train.schedule import alpha_at, lr_at
 
 log = logging.getLogger(__name__)
@@ -61,7 +64,7 @@ class Trainer:
     def __init__(self, cfg, ranks: RankEnv | None = None, stop: StopRequest | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / METRICS_FILE
         ranks = ranks or RankEnv(0, 1, 0, 1, "127.0.0.1", free_port())
         if cfg.train.engine == "plain" and ranks.world_size > 1:
             raise ValueError("train.engine=plain runs one process; use train.engine=deepspeed for several ranks")
@@ -96,8 +99,8 @@ class Trainer:
         if cfg.train.compile:
             for block in [*model.vision.blocks, *model.text.layers]:
                 block.compile()
-        resume_from, universal = plan_resume(cfg, self.rank, self.world_size)
-        self.engine = build_engine(model, cfg, self.device, bf16, self.accumulation, universal)
+        plan = plan_resume(cfg, self.rank, self.world_size, history_files(self.run_dir))
+        self.engine = build_engine(model, cfg, self.device, bf16, self.accumulation, plan.universal)
         self.model = self.engine.module
         self.checkpoints = CheckpointManager(cfg, self.engine, self.tokenizer, self.rank, self.world_size,
                                              self.global_batch)
@@ -109,8 +112,10 @@ class Trainer:
             self.checkpoints.register(name, component)
         self.checkpoints.rng.reseed()
         self.resumed_from, self.resume_changes = None, []
-        if resume_from is not None:
-            self.resume(resume_from, universal)
+        if plan.path is not None:
+            self.resume(plan.path, plan.universal, plan.abandoned)
+        elif self.rank == 0:
+            truncate_metrics(self.metrics_path, 0)  # rows of an attempt that never saved a checkpoint
         self.tracking = RunTracking.start(cfg, self.rank, self.local_rank, self.mlflow_run_id,
                                           self.step if self.resumed_from else None, self.resume_changes,
                                           self._run_facts, getattr(self.engine, "config", None))
@@ -132,21 +137,23 @@ class Trainer:
         self.nonfinite_skipped, self.nonfinite_in_a_row = int(state["nonfinite_skipped"]), int(state["nonfinite_in_a_row"])
         self.mlflow_run_id = state.get("mlflow_run_id")
 
-    def resume(self, path: Path, universal: bool = False) -> None:
+    def resume(self, path: Path, universal: bool = False, abandoned: Path | None = None) -> None:
         saved_config = self.checkpoints.load(path, universal)
         if self.rank == 0:
             if saved_config and config_hash(saved_config) != config_hash(self.cfg):
                 self.resume_changes = config_changes(saved_config, self.cfg)
                 log.warning("resuming %s with a changed config: %s", path, ", ".join(self.resume_changes) or "(hash only)")
-            truncate_metrics(self.metrics_path, self.step)
+            truncate_metrics(self.metrics_path, self.step, keep_dropped_in=abandoned)
             print(f"knowlip: resumed from {path} at step {self.step} (epoch {self.loader.epoch}, cursor "
                   f"{self.loader.cursor}){' via its universal form' if universal else ''}", file=sys.stderr)
         self.resumed_from = path
 
     def save_checkpoint(self) -> Path:
-        def fault(_partial: Path) -> None:
+        def fault(_partial: Path) -> None:  # test hooks
             if self.rank == self.world_size - 1 and fault_at("kill_in_save", self.step):
-                kill_self()  # test hook: a rank dies with its files half written
+                kill_self()  # a rank dies with its files half written
+            if self.rank == 0 and fault_at("enospc_in_save", self.step):
+                raise OSError(errno.ENOSPC, "No space left on device (injected)", str(_partial / STATE))
 
         saved = self.checkpoints.save(self.step, fault)
         self.tracking.event("checkpoint", self.step)
@@ -168,8 +175,8 @@ class Trainer:
             yield from self.loader
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
-        """One optimiser step over `accumulation` micro-batches. A non-finite loss on any rank skips the step
-        on every rank (counted); a stop request seen by any rank is agreed here too."""
+        """One optimiser step over `accumulation` micro-batches. A non-finite loss on any rank, or non-finite
+        gradients, skip the step on every rank (counted); a stop request seen by any rank is agreed here too."""
         self.engine.set_lr(self.lr_at(self.step))
         self.engine.momentum_update()
         sums: dict[str, float] = {}
@@ -191,16 +198,21 @@ class Trainer:
             if bad or skip:
                 skip = True
                 continue
-            self.engine.backward(out["loss"])
+            loss = out["loss"]
+            if self.rank == self.world_size - 1 and fault_at("nan_grads", self.step + 1):
+                loss = loss + poison_gradients(self.model.temp)  # test hook: finite loss, NaN gradients
+            self.engine.backward(loss)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro_batches)
         if skip:
             self.engine.skip_step()
+            values = {"loss": float("nan"), "grad_norm": float("nan")}
+        else:  # an engine does not apply gradients whose global norm is not finite (the same on every rank)
+            values = {**sums, "grad_norm": self.engine.step()}
+        if skip or not math.isfinite(values["grad_norm"]):
             self.nonfinite_skipped += 1
             self.nonfinite_in_a_row += 1
-            values = {"loss": float("nan"), "grad_norm": float("nan")}
         else:
-            values = {**sums, "grad_norm": self.engine.step()}
             self.nonfinite_in_a_row = 0
         self.step += 1
         return values
@@ -209,7 +221,7 @@ class Trainer:
         self.scio_stats.add(out)
         every, step = self.cfg.scio.samples_every, self.step + 1
         if self.rank == 0 and every and step % every == 0:
-            scio_loop.write_samples(self.run_dir / "scio_samples.jsonl", step, phase, batch["keys"], batch["captions"],
+            scio_loop.write_samples(self.run_dir / SCIO_SAMPLES_FILE, step, phase, batch["keys"], batch["captions"],
                                     variants, out, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
                                     self.cfg.scio.samples_per_write)
 
@@ -254,7 +266,7 @@ class Trainer:
         self.tracking.finish("FINISHED" if self.step >= cfg.train.steps else
                              "FAILED" if stopped == "nonfinite" else "KILLED", self.run_dir)
         if stopped == "nonfinite":
-            raise TrainingStopped(f"{self.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite_in_a_row"
+            raise TrainingStopped(f"{self.nonfinite_in_a_row} non-finite losses or gradients in a row (train.max_nonfinite_in_a_row"
                                   f"={cfg.train.max_nonfinite_in_a_row}) at step {self.step}: stopped; the last "
                                   f"state is checkpointed in {saved}. Lower train.lr or check the data.")
         if self.step >= cfg.train.steps and self.rank == 0:
