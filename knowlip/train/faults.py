@@ -26,8 +26,9 @@ def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def poison_gradients(param: "torch.Tensor") -> "torch.Tensor":
-    """A zero to add to the loss whose gradient with respect to `param` is NaN: 0 x d sqrt(x)/dx at x = 0."""
+def poison_gradients(loss: "torch.Tensor") -> "torch.Tensor":
+    """`loss` with the same value and a NaN gradient (0 x d sqrt(x)/dx at x = 0), so every parameter it depends
+    on gets NaN gradients while the loss itself stays finite."""
     import torch
 
-    return (torch.sqrt(param - param.detach()) * 0).sum()
+    return loss + (torch.sqrt(loss - loss.detach()) * 0).sum()

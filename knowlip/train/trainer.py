@@ -200,7 +200,7 @@ class Trainer:
                 continue
             loss = out["loss"]
             if self.rank == self.world_size - 1 and fault_at("nan_grads", self.step + 1):
-                loss = loss + poison_gradients(self.model.temp)  # test hook: finite loss, NaN gradients
+                loss = poison_gradients(loss)  # test hook: finite loss, NaN gradients
             self.engine.backward(loss)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro_batches)
