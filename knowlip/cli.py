@@ -149,7 +149,7 @@ def _train_rank(cfg, ranks) -> int:
     from knowlip.launch.signals import StopRequest
     from knowlip.train.rank_main import train_rank
 
-    return train_rank(cfg, ranks, StopRequest().install())[0]
+    return train_rank(cfg, ranks, StopRequest(announce=ranks is None or ranks.rank == 0).install())[0]
 
 
 def _split_cluster_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -474,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside training (training saves first: knowlip.launch.signals)
+        print(f"knowlip {args.command}: interrupted", file=sys.stderr)
+        return 130
     except ConfigError as exc:
         print(f"config error: {redact_text(str(exc))}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import shutil
+import signal
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -254,6 +255,7 @@ _WORKER_CAPTIONS: CaptionIndex | None = None
 
 def _init_worker(caption_file: str | None) -> None:
     global _WORKER_CAPTIONS
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's to handle: one line, no tracebacks
     _WORKER_CAPTIONS = CaptionIndex(caption_file)
 
 

@@ -4,7 +4,8 @@ One entry point serves three cases:
 - launched by torchrun (or anything setting RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT): one rank;
 - a Slurm task (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID): one rank, rendezvous derived from the job;
 - neither: `spawn_local_ranks` starts `dist.nproc_per_node` copies of the command with a torchrun-compatible
-  environment, forwards SIGTERM/SIGUSR1/SIGINT to them, and tears the group down when one rank fails.
+  environment, forwards SIGTERM/SIGUSR1/SIGINT to them (each rank in its own process group, so that a Ctrl-C
+  reaches them once, through the launcher), and tears the group down when one rank fails.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
+
+from knowlip.launch.signals import INTERRUPTED_EXIT
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -101,7 +104,8 @@ def spawn_local_ranks(nproc: int, command: Sequence[str], grace_s: float = 5.0) 
     for rank in range(nproc):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen(list(command), env=env))
+        # its own process group: a terminal's Ctrl-C reaches only this launcher, which forwards it once
+        procs.append(subprocess.Popen(list(command), env=env, process_group=0))
 
     def forward(signum, _frame):
         for p in procs:
@@ -119,7 +123,7 @@ def spawn_local_ranks(nproc: int, command: Sequence[str], grace_s: float = 5.0) 
 def _wait_all(procs: list[subprocess.Popen], grace_s: float) -> int:
     failed_at, code = None, 0
     while any(p.poll() is None for p in procs):
-        failures = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        failures = [p.returncode for p in procs if p.returncode not in (None, 0, INTERRUPTED_EXIT)]
         if failures and failed_at is None:
             failed_at, code = time.monotonic(), _exit_code(failures[0])
             print(f"knowlip: a rank exited with {failures[0]}; stopping the others", file=sys.stderr)

@@ -1,12 +1,19 @@
 """Preemption-safe stopping: a signal only sets a flag; the trainer acts on it at the next step boundary,
-after every rank agreed (so that all of them save one checkpoint together and exit)."""
+after every rank agreed (so that all of them save one checkpoint together and exit).
+
+SIGINT (Ctrl-C) is a stop like SIGTERM the first time; a second SIGINT ends the process at once (exit 130,
+no save: the previous checkpoint stays the one to resume)."""
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
-# SIGUSR2: Slurm's signal before a time limit (--signal=USR2@delay, as submitit asks); SIGTERM: preemption.
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+# SIGUSR2: Slurm's signal before a time limit (--signal=USR2@delay, as submitit asks); SIGTERM: preemption or
+# a cancel; SIGINT: Ctrl-C.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def ignore_stop_signals(*_args) -> None:
@@ -17,8 +24,9 @@ def ignore_stop_signals(*_args) -> None:
 
 
 class StopRequest:
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signum: int | None = None
+        self.announce = announce  # say what a Ctrl-C does (rank 0)
 
     def install(self) -> "StopRequest":
         for s in STOP_SIGNALS:
@@ -26,6 +34,13 @@ class StopRequest:
         return self
 
     def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            if self.announce:
+                os.write(sys.stderr.fileno(), b"knowlip: second interrupt: stopping now, without saving\n")
+            os._exit(INTERRUPTED_EXIT)
+        if signum == signal.SIGINT and self.announce:
+            os.write(sys.stderr.fileno(), b"knowlip: interrupted: saving a checkpoint at the end of this step "
+                                          b"(Ctrl-C again to stop at once, without saving)\n")
         self.signum = signum  # nothing else: a handler may run at any bytecode, even inside a collective
 
     def request(self, signum: int = signal.SIGUSR1) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 from knowlip.launch.local import RankEnv, rank_env
 from knowlip.logging_setup import configure_logging
-from knowlip.launch.signals import StopRequest
+from knowlip.launch.signals import INTERRUPTED_EXIT, StopRequest
 from knowlip.launch.slurm import SlurmTask
 from knowlip.train.trainer import Trainer, TrainingStopped
 
@@ -30,9 +31,13 @@ def train_rank(cfg, ranks: RankEnv | None, stop: StopRequest) -> tuple[int, str]
         print(f"error: {exc}", file=sys.stderr)
         return 3, "failed"
     outcome = "stopped" if (result["stopped"] or "").startswith("signal") else "finished"
+    interrupted = stop.signum == signal.SIGINT
     if trainer.rank == 0:
         losses = [h["loss"] for h in result["history"]]
-        if result["stopped"]:
+        if interrupted:
+            print(f"interrupted at step {result['steps']} of {cfg.train.steps}: checkpoint {result['checkpoint']} "
+                  "saved; run the same command to resume")
+        elif result["stopped"]:
             print(f"stopped at step {result['steps']} of {cfg.train.steps} ({result['stopped']}); checkpoint "
                   f"{result['checkpoint']}; run again to resume")
         else:
@@ -42,7 +47,7 @@ def train_rank(cfg, ranks: RankEnv | None, stop: StopRequest) -> tuple[int, str]
             from knowlip.track.mlflow_tracker import ui_command
 
             print(f"MLflow run {trainer.tracking.run_id}; to browse it: {ui_command(cfg)}")
-    return 0, outcome
+    return (INTERRUPTED_EXIT if interrupted else 0), outcome
 
 
 class SlurmTrain(SlurmTask):
