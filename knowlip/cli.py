@@ -126,20 +126,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     """One entry point: a rank of a torchrun/Slurm job, or the launcher of `dist.nproc_per_node` local ranks."""
     from knowlip.config import accumulation_steps
     from knowlip.launch.local import local_rank_count, rank_env, spawn_local_ranks
-    from knowlip.logging_setup import configure_logging
-
     from knowlip.launch.run_lock import lock_run
-    from knowlip.train.checkpoint import check_fresh_start
-    from knowlip.train.metrics import history_files
+    from knowlip.logging_setup import configure_logging
+    from knowlip.train.preflight import preflight
 
     cfg = _config(args)  # a bad config fails here, before any process or process group
     ranks = rank_env()
+    if ranks is None or ranks.rank == 0:  # what this process can check alone, before any rank starts
+        nothing_to_do = preflight(cfg)
+        if nothing_to_do:
+            print(nothing_to_do)
+            return 0
     if ranks is None and cfg.train.engine == "deepspeed":
         nproc = local_rank_count(cfg.dist.nproc_per_node)
         accumulation_steps(cfg, nproc)
         if nproc > 1:
             lock_run(cfg)  # held by this launcher for the job's life (its rank 0 sees that)
-            check_fresh_start(cfg, history_files(Path(cfg.run_dir)))  # rank 0 checks again; this is sooner
             return spawn_local_ranks(nproc, _train_command(args))
     configure_logging(ranks is None or ranks.rank == 0)
     return _train_rank(cfg, ranks)
@@ -163,6 +165,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from knowlip.config import accumulation_steps, check_no_literal_secrets
     from knowlip.launch import slurm
     from knowlip.launch.run_lock import check_unlocked
+    from knowlip.train.preflight import preflight
     from knowlip.train.rank_main import SlurmTrain
 
     cluster_overrides, overrides = _split_cluster_overrides(args.overrides)
@@ -173,6 +176,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides + [f"run_dir={run_dir}", "resume=auto"])
     check_no_literal_secrets(cfg, "the Slurm job")
     check_unlocked(cfg)
+    nothing_to_do = preflight(cfg)
+    if nothing_to_do:
+        print(f"{nothing_to_do}; not submitted")
+        return 0
     slurm.apply_environment(profile)
     task = SlurmTrain(to_yaml(cfg), run_dir, profile.max_requeues)
     entry = slurm.submit(task, profile, job_name=args.name or f"knowlip-{run_dir.name}")

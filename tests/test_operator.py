@@ -50,3 +50,35 @@ def test_ctrl_c_during_pack_is_one_line_and_leaves_no_staging(tmp_path):
     assert job.returncode == 130, out + err
     assert "knowlip pack: interrupted" in err and "Traceback" not in err, err[-2000:]
     assert not staging.exists() and not (tmp_path / "runs" / "quickstart" / "shards").exists()
+
+
+def _timed(*args: str, cwd: Path | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    proc = subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=120, cwd=cwd)
+    return proc, time.monotonic() - started
+
+
+def test_what_the_launcher_can_know_alone_fails_or_ends_within_seconds(local_run, tiny_train_base, tmp_path):
+    """Against a finished 16-step run: each answer comes before any rank, DeepSpeed or MLflow starts (3 s is a
+    bound on this box, not a benchmark: starting the ranks alone takes longer), printed once, nothing written."""
+    before = {p: p.stat().st_mtime_ns for p in local_run.rglob("*") if p.is_file()}
+    common = ["train", f"run_dir={local_run}", "dist.nproc_per_node=2", *tiny_train_base]
+
+    done, took = _timed(*common, "train.steps=16")
+    assert done.returncode == 0 and "already finished: 16 of 16 steps" in done.stdout, done.stdout + done.stderr
+    assert took < 3, took
+
+    below, took = _timed(*common, "train.steps=8")
+    assert below.returncode == 2 and took < 3, (took, below.stderr)
+    assert below.stderr.count("train.steps=8 is below the step this run reached (16") == 1, below.stderr
+
+    missing = local_run / "checkpoints" / "step_00000099"
+    wrong, took = _timed(*common, f"resume={missing}")
+    assert wrong.returncode == 1 and took < 3, (took, wrong.stderr)
+    assert f"resume={missing}" in wrong.stderr and "complete checkpoints: " in wrong.stderr
+    assert str(local_run / "checkpoints" / "step_00000016") in wrong.stderr, wrong.stderr
+
+    shards, took = _timed(*common[:3], *tiny_train_base, f"data.shards={tmp_path}/nowhere")
+    assert shards.returncode == 1 and f"{tmp_path}/nowhere" in shards.stderr and took < 3, (took, shards.stderr)
+    assert "Traceback" not in below.stderr + wrong.stderr + shards.stderr
+    assert {p: p.stat().st_mtime_ns for p in local_run.rglob("*") if p.is_file()} == before
