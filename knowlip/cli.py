@@ -270,7 +270,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_mlflow_sync(args: argparse.Namespace) -> int:
     from knowlip.track.mlflow_tracker import sync
 
-    run_id, sent = sync(Path(args.run_dir))
+    run_id, sent = sync(Path(args.run_dir), args.tracking_uri)
     print(f"MLflow run {run_id}: uploaded {sent} metric rows that it lacked")
     return 0
 
@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mlflow", help="MLflow: upload what a run could not send, or print the UI command")
     msub = p.add_subparsers(dest="mlflow_command", required=True)
     sync = msub.add_parser("sync", help="upload the metrics.jsonl rows the run's MLflow history lacks")
-    sync.add_argument("run_dir")
+    sync.add_argument("run_dir", help="the run folder (its mlflow.json says where its run is)")
+    sync.add_argument("--tracking-uri", help="send to this tracking URI instead of the one the run recorded")
     sync.set_defaults(func=cmd_mlflow_sync)
     ui = msub.add_parser("ui", help="print the command that opens the MLflow UI on the run's store")
     _add_config_args(ui)

@@ -62,7 +62,8 @@ def test_default_store_one_run_across_stop_and_resume(tiny_train_base, synth_sha
     first = train(run, tiny_train_base, "train.stop_at=4", *secret_overrides(), env=SECRET_ENV)
     client, run_id = client_for(run)
     assert json.loads((run / RUN_FILE).read_text())["tracking_uri"] == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    assert client.get_run(run_id).info.status == "KILLED"
+    stopped = client.get_run(run_id)  # a planned stop: finished as planned, and the tag says it is resumable
+    assert stopped.info.status == "FINISHED" and "planned stop (train.stop_at) at step 4" in stopped.data.tags["knowlip.stop"]
     second = train(run, tiny_train_base, "train.lr=0.0002",  # resumes, with a changed config
                    *secret_overrides(SECRETS["rotated"]), env=SECRET_ENV)
     assert f"MLflow run {run_id}" in second.stdout and "mlflow ui --backend-store-uri sqlite:///" in second.stdout

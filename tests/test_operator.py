@@ -3,12 +3,15 @@ Real processes: `knowlip` as a user runs it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from helpers import losses, wait_for_steps
 
@@ -82,3 +85,85 @@ def test_what_the_launcher_can_know_alone_fails_or_ends_within_seconds(local_run
     assert shards.returncode == 1 and f"{tmp_path}/nowhere" in shards.stderr and took < 3, (took, shards.stderr)
     assert "Traceback" not in below.stderr + wrong.stderr + shards.stderr
     assert {p: p.stat().st_mtime_ns for p in local_run.rglob("*") if p.is_file()} == before
+
+
+def test_mlflow_status_says_how_each_job_ended(tiny_in_process_base, tmp_path, monkeypatch):
+    """Planned stop_at: FINISHED; SIGUSR2 (a requeue follows): SCHEDULED; Ctrl-C: KILLED; the end: FINISHED, and
+    a start of the finished run does not reopen it; an error or too many non-finite steps: FAILED. Each with a
+    `knowlip.stop` tag saying why."""
+    from mlflow.tracking import MlflowClient
+
+    from helpers import make_config
+    from knowlip.launch.signals import StopRequest
+    from knowlip.train.trainer import Trainer
+
+    run = tmp_path / "runs" / "tiny"
+    base = [*tiny_in_process_base, "train.steps=5", "mlflow.enabled=true", "mlflow.system_metrics=false"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+
+    def status(trainer) -> tuple[str, str]:
+        r = client.get_run(trainer.tracking.run_id)
+        return r.info.status, r.data.tags.get("knowlip.stop", "")
+
+    first = Trainer(make_config(run, *base, "train.stop_at=2"))
+    first.train()
+    assert status(first) == ("FINISHED", "planned stop (train.stop_at) at step 2 of 5; resumable")
+    for sig, expected in ((signal.SIGUSR2, ("SCHEDULED", "SIGUSR2 at step 3: saved, to be resumed")),
+                          (signal.SIGINT, ("KILLED", "SIGINT at step 4: saved, resumable"))):
+        stop = StopRequest(announce=False)
+        stop.request(sig)
+        stopped = Trainer(make_config(run, *base), stop=stop)
+        stopped.train()
+        assert status(stopped) == expected
+    last = Trainer(make_config(run, *base))
+    last.train()
+    assert status(last) == ("FINISHED", "finished: 5 of 5 steps") and last.tracking.run_id == first.tracking.run_id
+    again = subprocess.run(CLI + ["train", f"run_dir={run}", *base], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already finished: 5 of 5 steps" in again.stdout, again.stderr[-2000:]
+    r = client.get_run(last.tracking.run_id)
+    assert r.info.status == "FINISHED" and r.data.tags["knowlip.resumes"] == "3"  # not reopened
+
+    broken = Trainer(make_config(tmp_path / "runs" / "broken", *base))
+    monkeypatch.setattr(broken, "train_step", lambda micro: (_ for _ in ()).throw(RuntimeError("disk on fire")))
+    try:
+        broken.train()
+    except RuntimeError:
+        pass
+    assert status(broken) == ("FAILED", "RuntimeError at step 0: disk on fire")
+    monkeypatch.setenv("KNOWLIP_FAULT_NAN_STEPS", "1-9")
+    nan = Trainer(make_config(tmp_path / "runs" / "nan", *base, "train.max_nonfinite_in_a_row=2"))
+    try:
+        nan.train()
+    except RuntimeError:
+        pass
+    assert status(nan) == ("FAILED", "too many non-finite steps in a row at step 2")
+
+
+def test_sync_after_a_tracking_server_that_was_down_for_the_whole_run(tiny_in_process_base, tmp_path):
+    """mlflow.json is written before the first attempt to reach the server, so `knowlip mlflow sync RUN
+    --tracking-uri URI` can create the run afterwards and upload every step."""
+    from mlflow.tracking import MlflowClient
+
+    from helpers import make_config
+    from knowlip.train.trainer import Trainer
+    from test_mlflow import MlflowServer
+
+    server = MlflowServer(tmp_path)
+    down = f"http://127.0.0.1:{server.port}"
+    run = tmp_path / "run"
+    Trainer(make_config(run, *tiny_in_process_base, "train.steps=4", "train.log_every=1", "mlflow.enabled=true",
+                        f"mlflow.tracking_uri={down}", "mlflow.system_metrics=false")).train()
+    assert json.loads((run / "mlflow.json").read_text()) == {"tracking_uri": down, "run_id": None}
+    server.start()
+    try:
+        sync = subprocess.run(CLI + ["mlflow", "sync", str(run), "--tracking-uri", server.uri], capture_output=True,
+                              text=True, timeout=120)
+        assert sync.returncode == 0 and "uploaded 4 metric rows" in sync.stdout, sync.stdout + sync.stderr
+        run_id = json.loads((run / "mlflow.json").read_text())["run_id"]
+        client = MlflowClient(tracking_uri=server.uri)
+        history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+        assert history == pytest.approx(losses(run), rel=1e-6) and sorted(history) == [1, 2, 3, 4]
+        r = client.get_run(run_id)
+        assert r.info.status == "FINISHED" and r.data.params["train.steps"] == "4"
+    finally:
+        server.kill()

@@ -165,6 +165,11 @@ class MlflowTracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         uri, artifacts = tracking_uri(cfg)
         client = MlflowClient(tracking_uri=uri)
+        if run_id is None and resumed_step is not None:  # a run `knowlip mlflow sync` created after an outage
+            run_id = recorded_run_id(Path(cfg.run_dir))
+        record = Path(cfg.run_dir, RUN_FILE)
+        if not record.is_file() or run_id is not None:  # before the first attempt: `sync` then knows where to send
+            record.write_text(json.dumps({"tracking_uri": redact_text(uri), "run_id": run_id}))
         try:
             if run_id is None:
                 run_id = cls._create_run(client, cfg, artifacts, static or {})
@@ -223,9 +228,9 @@ class MlflowTracker:
         except Exception as exc:
             log.warning("MLflow: could not store %s (%s)", path, redact_text(str(exc).splitlines()[0]))
 
-    def finish(self, status: str, report_dir: Path | None = None, timeout: float = 30.0) -> None:
-        """Send what is buffered, store the report, set the run's status (FINISHED, or KILLED for a stop that a
-        resume will reopen)."""
+    def finish(self, status: str, report_dir: Path | None = None, timeout: float = 30.0, stop: str = "") -> None:
+        """Send what is buffered, store the report, set the run's status (run_tracking.end_status) and say why
+        in the `knowlip.stop` tag."""
         self.sender.close(timeout)
         if self.sender.rows or self.sender.dropped:
             log.warning("MLflow: %d metric rows could not be sent (%d dropped from the buffer): they are in "
@@ -234,6 +239,8 @@ class MlflowTracker:
         try:
             if report_dir is not None and report_dir.is_dir():
                 self.client.log_artifacts(self.run_id, str(report_dir), "report")
+            if stop:
+                self.client.set_tag(self.run_id, "knowlip.stop", redact_text(stop))
             with redacted_stdout():  # MLflow prints the run's URL
                 self.client.set_terminated(self.run_id, status=status)
         except Exception as exc:
@@ -258,17 +265,38 @@ class SystemMetrics:
             log.warning("MLflow system metrics: %s", redact_text(str(exc).splitlines()[0]))
 
 
-def sync(run_dir: Path) -> tuple[str, int]:
-    """Upload the rows of <run_dir>/metrics.jsonl that the run's history lacks. Returns (run id, rows sent)."""
+def recorded_run_id(run_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(run_dir) / RUN_FILE).read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def sync(run_dir: Path, uri: str | None = None) -> tuple[str, int]:
+    """Upload the rows of <run_dir>/metrics.jsonl that the run's history lacks (creating the run when the
+    tracking store was away for the whole job). `uri`: where to, instead of the one the run recorded. Returns
+    (run id, rows sent)."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    info = json.loads((Path(run_dir) / RUN_FILE).read_text())
-    uri = info["tracking_uri"]
+    from knowlip.config import load_config
+
+    run_dir = Path(run_dir)
+    record = run_dir / RUN_FILE
+    if not record.is_file():
+        raise FileNotFoundError(f"{record}: this run kept no MLflow record (was mlflow.enabled false?)")
+    info = json.loads(record.read_text())
+    uri = uri or info["tracking_uri"]
     if MASK in uri:  # its credentials were not written down: they come from the environment
         uri = os.environ.get("MLFLOW_TRACKING_URI", uri.replace(f"{MASK}@", ""))
     client = MlflowClient(tracking_uri=uri)
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if info.get("run_id") is None:
+        cfg = load_config(run_dir / "config.yaml")
+        info["run_id"] = MlflowTracker._create_run(client, cfg, None, {"created_by": "knowlip mlflow sync"})
+        last = rows[-1]["step"] if rows else 0
+        client.set_terminated(info["run_id"], status="FINISHED" if last >= cfg.train.steps else "KILLED")
+        record.write_text(json.dumps({"tracking_uri": redact_text(uri), "run_id": info["run_id"]}))
     have = {m.step for m in client.get_metric_history(info["run_id"], "loss")}
     missing = [r for r in rows if r["step"] not in have]
     ts = int(time.time() * 1000)

@@ -37,18 +37,35 @@ def run_facts(world_size: int, global_batch: int, device_name: str, engine: str,
             **{f"version.{p}": _version(p) for p in ("knowlip", "torch", "deepspeed", "mlflow")}}
 
 
+def end_status(stopped: str | None, step: int, steps: int) -> tuple[str, str]:
+    """(MLflow status, the `knowlip.stop` tag) for how a job ended: FINISHED at train.steps or at a planned
+    train.stop_at; SCHEDULED for a stop asked for to be resumed (SIGUSR1, SIGUSR2 before a time limit: a
+    requeue follows); KILLED for an interrupt or termination (resumable); FAILED for too many non-finite
+    steps (and for an error: Trainer.train)."""
+    if step >= steps:
+        return "FINISHED", f"finished: {step} of {steps} steps"
+    if stopped == "stop_at":
+        return "FINISHED", f"planned stop (train.stop_at) at step {step} of {steps}; resumable"
+    if stopped == "nonfinite":
+        return "FAILED", f"too many non-finite steps in a row at step {step}"
+    signal_name = (stopped or "").removeprefix("signal ")
+    if signal_name in ("SIGUSR1", "SIGUSR2"):
+        return "SCHEDULED", f"{signal_name} at step {step}: saved, to be resumed"
+    return "KILLED", f"{signal_name or 'stopped'} at step {step}: saved, resumable"
+
+
 class RunTracking:
     """`tracker` (rank 0's MlflowTracker, else None) and `system` (this node's sampler, else None)."""
 
-    def __init__(self, tracker: MlflowTracker | None, system: SystemMetrics | None):
-        self.tracker, self.system = tracker, system
+    def __init__(self, tracker: MlflowTracker | None, system: SystemMetrics | None, started: bool = False):
+        self.tracker, self.system, self.started = tracker, system, started
 
     @classmethod
     def start(cls, cfg, rank: int, local_rank: int, run_id: str | None, resumed_step: int | None,
               changes: list[str], facts, engine_config: dict | None) -> "RunTracking":
         """Every rank calls this (a broadcast). `facts` is called for a new run only."""
         if not cfg.mlflow.enabled:
-            return cls(None, None)
+            return cls(None, None, started=True)
         tracker = None
         if rank == 0:
             new_run = run_id is None  # a resume reopens its run: the facts were logged then
@@ -60,7 +77,7 @@ class RunTracking:
         sampler = rank == 0 if is_file_store(uri or "") else local_rank == 0
         if shared_id and cfg.mlflow.system_metrics and sampler:
             system = SystemMetrics(uri, shared_id, cfg.mlflow.system_interval_s)
-        return cls(tracker, system)
+        return cls(tracker, system, started=True)
 
     @property
     def run_id(self) -> str | None:
@@ -74,8 +91,8 @@ class RunTracking:
         if self.tracker is not None:
             self.tracker.event(name, step)
 
-    def finish(self, status: str, run_dir: Path) -> None:
+    def finish(self, status: str, run_dir: Path, stop: str = "") -> None:
         if self.system is not None:
             self.system.stop()
         if self.tracker is not None:
-            self.tracker.finish(status, write_report(run_dir, run_dir / "report"))
+            self.tracker.finish(status, write_report(run_dir, run_dir / "report"), stop=stop)

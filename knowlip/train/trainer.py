@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from knowlip.config import config_changes, config_hash, global_batch, schedule_steps
+from knowlip.config import config_changes, config_hash, global_batch, schedule_steps, to_yaml
 from knowlip.data.loader import build_loader, shard_captions
 from knowlip.data.shards import ShardIndex, load_index
 from knowlip.data.storage import storage_options
@@ -32,9 +32,10 @@ from knowlip.model.build import build_model
 from knowlip.model.flops import peak_flops, training_flops_per_sample
 from knowlip.ops.sar_norm import normalise_batch
 from knowlip.text.tokenizer import CaptionTokenizer, run_tokenizer
-from knowlip.track.run_tracking import RunTracking, run_facts
+from knowlip.track.run_tracking import RunTracking, end_status, run_facts
 from knowlip.train import scio_loop
-from knowlip.train.checkpoint import STATE, TOKENIZER, CheckpointManager, ModelBuffers, plan_resume, resolve_checkpoint
+from knowlip.train.checkpoint import (CONFIG, STATE, TOKENIZER, CheckpointManager, ModelBuffers, plan_resume,
+                                      resolve_checkpoint)
 from knowlip.train.engine import build_engine, check_deepspeed_section
 from knowlip.train.export import export_checkpoint
 from knowlip.train.faults import fault_at, kill_self, poison_gradients
@@ -88,6 +89,8 @@ class Trainer:
                                                                     self.device.type == "cuda")
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            (self.run_dir / CONFIG).write_text(to_yaml(cfg))  # the resolved config, at once (secrets masked)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.tokenizer = run_tokenizer(cfg.model.tokenizer, self.run_dir / TOKENIZER, lambda: shard_captions(self.index),
                                        cfg.train.tokenizer_vocab, self.rank == 0, barrier)
@@ -116,7 +119,13 @@ class Trainer:
             self.resume(plan.path, plan.universal, plan.abandoned)
         elif self.rank == 0:
             truncate_metrics(self.metrics_path, 0)  # rows of an attempt that never saved a checkpoint
-        self.tracking = RunTracking.start(cfg, self.rank, self.local_rank, self.mlflow_run_id,
+        self.tracking = RunTracking(None, None)  # started by train()
+
+    def start_tracking(self) -> None:
+        """Open the MLflow run (or reopen the resumed one); every rank calls this (a broadcast)."""
+        if self.tracking.started:
+            return
+        self.tracking = RunTracking.start(self.cfg, self.rank, self.local_rank, self.mlflow_run_id,
                                           self.step if self.resumed_from else None, self.resume_changes,
                                           self._run_facts, getattr(self.engine, "config", None))
 
@@ -235,6 +244,29 @@ class Trainer:
                                                      self.model.dims.queue_size), peak_flops(self.device),
                            self.world_size)
         history: list[dict] = []
+        self.start_tracking()  # here, not at construction: a start with nothing to train never reopens the run
+        try:
+            stopped, saved = self._loop(last, meter, history)
+        except BaseException as exc:
+            self.tracking.finish("FAILED", self.run_dir, f"{type(exc).__name__} at step {self.step}: {exc}"[:500])
+            raise
+        status, why = end_status(stopped, self.step, cfg.train.steps)
+        self.tracking.finish(status, self.run_dir, why)
+        if stopped == "nonfinite":
+            raise TrainingStopped(f"{self.nonfinite_in_a_row} non-finite losses or gradients in a row "
+                                  f"(train.max_nonfinite_in_a_row={cfg.train.max_nonfinite_in_a_row}) at step "
+                                  f"{self.step}: stopped; the last state is checkpointed in {saved}. Lower "
+                                  "train.lr or check the data.")
+        if self.step >= cfg.train.steps and self.rank == 0:
+            # the checkpoint this job just saved is not hashed a second time
+            export_checkpoint(saved or resolve_checkpoint(self.run_dir), self.run_dir, verify=saved is None)
+        barrier()
+        return {"steps": self.step, "history": history, "stopped": stopped, "checkpoint": saved,
+                "flops_per_sample": meter.flops_per_sample, "metrics": str(self.metrics_path)}
+
+    def _loop(self, last: int, meter: Throughput, history: list[dict]) -> tuple[str | None, Path | None]:
+        """Steps until `last` or a stop; returns (why it stopped early or None, the last checkpoint saved)."""
+        cfg = self.cfg
         stopped, saved = None, None
         batches = self.batches()
         with MetricsFile(self.metrics_path, self.rank == 0) as metrics, \
@@ -263,18 +295,7 @@ class Trainer:
                     stopped = "stop_at"
                 if self.checkpoints.due(self.step, forced=stopped is not None):
                     saved = self.save_checkpoint()
-        self.tracking.finish("FINISHED" if self.step >= cfg.train.steps else
-                             "FAILED" if stopped == "nonfinite" else "KILLED", self.run_dir)
-        if stopped == "nonfinite":
-            raise TrainingStopped(f"{self.nonfinite_in_a_row} non-finite losses or gradients in a row (train.max_nonfinite_in_a_row"
-                                  f"={cfg.train.max_nonfinite_in_a_row}) at step {self.step}: stopped; the last "
-                                  f"state is checkpointed in {saved}. Lower train.lr or check the data.")
-        if self.step >= cfg.train.steps and self.rank == 0:
-            # the checkpoint this job just saved is not hashed a second time
-            export_checkpoint(saved or resolve_checkpoint(self.run_dir), self.run_dir, verify=saved is None)
-        barrier()
-        return {"steps": self.step, "history": history, "stopped": stopped, "checkpoint": saved,
-                "flops_per_sample": meter.flops_per_sample, "metrics": str(self.metrics_path)}
+        return stopped, saved
 
     def evaluate_if_due(self) -> dict[str, float]:
         """Zero-shot evaluation on eval.shards every eval.every steps and at the end (all ranks take part)."""
