@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from knowlip.choices import EXPORT_DTYPES
+from knowlip.choices import CAPTION_FIELDS, EXPORT_DTYPES
 from knowlip.config import ConfigError, DataConfig, EvalConfig, load_config, to_yaml
 from knowlip.launch.run_lock import RunLocked
 from knowlip.launch.slurm import SlurmError
@@ -276,10 +276,26 @@ def cmd_mlflow_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_mlflow_ui(args: argparse.Namespace) -> int:
-    from knowlip.track.mlflow_tracker import ui_command
+    """The UI on a run's store: RUN_DIR (its mlflow.json), or the store a config names (-c and overrides)."""
+    from knowlip.track.mlflow_tracker import RUN_FILE, default_store, serve_ui, tracking_uri
 
-    print(ui_command(_config(args)))
-    return 0
+    overrides = list(args.overrides)
+    run_dir = Path(overrides.pop(0)) if overrides and "=" not in overrides[0] else None
+    run_id = None
+    if run_dir is not None:
+        record = run_dir / RUN_FILE
+        if not record.is_file():
+            raise FileNotFoundError(f"{record}: not found (is {run_dir} a run folder of a tracked run?)")
+        info = json.loads(record.read_text())
+        uri, run_id = info["tracking_uri"], info.get("run_id")
+        local_uri, artifacts = default_store(run_dir)
+        artifacts = artifacts if uri == local_uri else None
+    else:
+        uri, artifacts = tracking_uri(load_config(args.config, overrides))
+    if uri.startswith(("http://", "https://")):
+        print(f"the run's tracking server has its own UI: open {redact_text(uri)}")
+        return 0
+    return serve_ui(uri, artifacts, run_id, args.host, args.port)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -353,8 +369,76 @@ def cmd_ckpt_universal(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLES = {  # shown at the end of each subcommand's --help
+    "config show": "knowlip config show -c configs/default.yaml data.batch_size=64",
+    "synth": "knowlip synth --out runs/world synth.num_scenes=100",
+    "pack": "knowlip pack /data/scenes --captions caps.jsonl --out /data/shards --jobs 8",
+    "train": "knowlip train -c configs/default.yaml train.steps=200 dist.nproc_per_node=2",
+    "submit": "knowlip submit --cluster h100 -c configs/sentinel1.yaml cluster.nodes=4",
+    "jobs": "knowlip jobs --cluster local --last 5",
+    "logs": "knowlip logs 42 --rank 1 --follow",
+    "cancel": "knowlip cancel 42",
+    "mlflow sync": "knowlip mlflow sync runs/quickstart --tracking-uri http://mlflow.example.org:5000",
+    "mlflow ui": "knowlip mlflow ui runs/quickstart --port 5001",
+    "export": "knowlip export runs/quickstart --out exported/ --dtype bf16",
+    "eval": "knowlip eval exported/ --shards /data/heldout --fields water terrain",
+    "ckpt ls": "knowlip ckpt ls runs/quickstart",
+    "ckpt universal": "knowlip ckpt universal runs/quickstart/checkpoints/step_00000040",
+    "data inspect": "knowlip data inspect s3://bucket/shards --json",
+    "data verify": "knowlip data verify /data/shards --jobs 4",
+    "data replay": "knowlip data replay /data/shards --world-size 4 --batch-size 64 --stop-after-steps 100",
+}
+
+
+def _subparsers(parser: argparse.ArgumentParser, prefix: str = ""):
+    """(name, parser) of every subcommand, nested ones as 'ckpt ls'."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prefix}{name}", sub
+                yield from _subparsers(sub, f"{prefix}{name} ")
+
+
+def version_text() -> str:
+    """knowlip, torch, deepspeed and CUDA versions (`knowlip --version`)."""
+    import importlib.metadata as md
+
+    def version(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    import torch
+
+    cuda = torch.version.cuda or "none (CPU build)"
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return (f"knowlip {version('knowlip')}\ntorch {torch.__version__} (CUDA {cuda}; {gpus} GPU(s) visible)\n"
+            f"deepspeed {version('deepspeed')}\nmlflow {version('mlflow')}")
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the versions of knowlip, torch (CUDA), "
+                         "deepspeed and mlflow, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    parser = _commands()
+    for name, sub in _subparsers(parser):
+        if name in EXAMPLES:
+            sub.epilog = f"example:\n  {EXAMPLES[name]}"
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+    return parser
+
+
+def _commands() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knowlip", description="SAR-KnowLIP pretraining toolkit")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="show the resolved configuration")
@@ -395,30 +479,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jobs", help="this user's knowlip Slurm jobs: state, requeues, step reached, why it ended")
     p.add_argument("--cluster", default="local", help="cluster profile (its folder holds the job registry)")
     p.add_argument("--last", type=int, default=20, help="how many of the newest submissions")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("logs", help="a Slurm job's log (one rank)")
-    p.add_argument("job_id")
-    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("job_id", help="the job id `knowlip submit` printed (see `knowlip jobs`)")
+    p.add_argument("--rank", type=int, default=0, help="whose log: the rank (Slurm task) number")
     p.add_argument("--stderr", action="store_true", help="the error stream instead of the output")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
-    p.add_argument("--cluster", default="local")
+    p.add_argument("--cluster", default="local", help="cluster profile the job was submitted with")
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("cancel", help="cancel a Slurm job")
-    p.add_argument("job_id")
-    p.add_argument("--cluster", default="local")
+    p.add_argument("job_id", help="the job id `knowlip submit` printed")
+    p.add_argument("--cluster", default="local", help="cluster profile the job was submitted with")
     p.set_defaults(func=cmd_cancel)
 
-    p = sub.add_parser("mlflow", help="MLflow: upload what a run could not send, or print the UI command")
+    p = sub.add_parser("mlflow", help="MLflow: upload what a run could not send, or start the UI on a run")
     msub = p.add_subparsers(dest="mlflow_command", required=True)
     sync = msub.add_parser("sync", help="upload the metrics.jsonl rows the run's MLflow history lacks")
     sync.add_argument("run_dir", help="the run folder (its mlflow.json says where its run is)")
     sync.add_argument("--tracking-uri", help="send to this tracking URI instead of the one the run recorded")
     sync.set_defaults(func=cmd_mlflow_sync)
-    ui = msub.add_parser("ui", help="print the command that opens the MLflow UI on the run's store")
-    _add_config_args(ui)
+    ui = msub.add_parser("ui", help="start the MLflow UI on a run's store and print the run's page")
+    ui.add_argument("--port", type=int, help="port to serve on (default: a free one)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    ui.add_argument("-c", "--config", help="a config whose MLflow store to open (instead of RUN_DIR)")
+    ui.add_argument("overrides", nargs="*", metavar="RUN_DIR|key=value",
+                    help="a run folder, or config overrides naming the store")
     ui.set_defaults(func=cmd_mlflow_ui)
 
     p = sub.add_parser("export", help="a checkpoint (or run folder) -> safetensors + config + tokenizer")
@@ -432,13 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="held-out shard folder (index.json)")
     p.add_argument("--json", help="write the full result here")
     p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="chips embedded at a time")
-    p.add_argument("--fields", nargs="+", default=EvalConfig().fields, help="clauses to classify by")
+    p.add_argument("--fields", nargs="+", default=EvalConfig().fields, choices=CAPTION_FIELDS, metavar="FIELD",
+                   help=f"clauses to classify by, from: {', '.join(CAPTION_FIELDS)}")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ckpt", help="list and convert checkpoints")
     ksub = p.add_subparsers(dest="ckpt_command", required=True)
     ls = ksub.add_parser("ls", help="checkpoints of a run: step, time, size, completeness")
-    ls.add_argument("run_dir")
+    ls.add_argument("run_dir", help="a run folder (or its checkpoint folder)")
     ls.set_defaults(func=cmd_ckpt_ls)
     uni = ksub.add_parser("universal", help="convert to DeepSpeed's universal form (resume at any world size)")
     uni.add_argument("checkpoint", help="a checkpoint folder or a run folder")
@@ -454,16 +543,16 @@ def build_parser() -> argparse.ArgumentParser:
     ver = dsub.add_parser("verify", help="every shard's sha256 and every sample's checksums; non-zero exit on damage")
     ver.add_argument("shards", help="shard folder or object-store URL (index.json)")
     ver.add_argument("--jobs", type=int, default=1, help="shards checked in parallel")
-    ver.add_argument("--json", action="store_true")
+    ver.add_argument("--json", action="store_true", help="print JSON instead of text")
     ver.set_defaults(func=cmd_data_verify)
     rep = dsub.add_parser("replay", help="print the sample keys each rank gets at each step (one JSON line a step)")
     rep.add_argument("shards", help="a folder holding index.json")
-    rep.add_argument("--world-size", type=int, default=1)
+    rep.add_argument("--world-size", type=int, default=1, help="ranks to replay")
     rep.add_argument("--workers", type=int, default=DataConfig.num_workers, help="loader workers per rank")
     rep.add_argument("--batch-size", type=int, required=True, help="per-rank batch size")
-    rep.add_argument("--epochs", type=int, default=1)
-    rep.add_argument("--seed", type=int, default=DataConfig.seed)
-    rep.add_argument("--shuffle-block", type=int, default=DataConfig.shuffle_block)
+    rep.add_argument("--epochs", type=int, default=1, help="epochs to replay")
+    rep.add_argument("--seed", type=int, default=DataConfig.seed, help="data.seed of the run")
+    rep.add_argument("--shuffle-block", type=int, default=DataConfig.shuffle_block, help="data.shuffle_block of the run")
     rep.add_argument("--keep-last", action="store_true", help="keep the smaller last step instead of dropping it")
     rep.add_argument("--stop-after-steps", type=int, help="stop after N global steps (simulates an interruption)")
     rep.add_argument("--save-state", help="write the loader state here when stopping")

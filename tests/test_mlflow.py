@@ -66,7 +66,7 @@ def test_default_store_one_run_across_stop_and_resume(tiny_train_base, synth_sha
     assert stopped.info.status == "FINISHED" and "planned stop (train.stop_at) at step 4" in stopped.data.tags["knowlip.stop"]
     second = train(run, tiny_train_base, "train.lr=0.0002",  # resumes, with a changed config
                    *secret_overrides(SECRETS["rotated"]), env=SECRET_ENV)
-    assert f"MLflow run {run_id}" in second.stdout and "mlflow ui --backend-store-uri sqlite:///" in second.stdout
+    assert f"MLflow run {run_id}" in second.stdout and f"knowlip mlflow ui {run}" in second.stdout
     assert client_for(run)[1] == run_id  # the same run, reopened
     r = client.get_run(run_id)
     assert r.info.status == "FINISHED"

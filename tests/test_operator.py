@@ -167,3 +167,53 @@ def test_sync_after_a_tracking_server_that_was_down_for_the_whole_run(tiny_in_pr
         assert r.info.status == "FINISHED" and r.data.params["train.steps"] == "4"
     finally:
         server.kill()
+
+
+def test_mlflow_ui_serves_the_runs_store_and_prints_its_page(tiny_in_process_base, tmp_path):
+    import urllib.request
+
+    from helpers import make_config
+    from knowlip.train.trainer import Trainer
+
+    run = tmp_path / "runs" / "tiny"
+    trainer = Trainer(make_config(run, *tiny_in_process_base, "train.steps=2", "mlflow.enabled=true",
+                                  "mlflow.system_metrics=false"))
+    trainer.train()
+    run_id = trainer.tracking.run_id
+    ui = subprocess.Popen(CLI + ["mlflow", "ui", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+    try:
+        line = ui.stdout.readline()
+        assert "MLflow UI on sqlite:///" in line and f"/runs/{run_id}" in line, line + ui.stderr.read()[-2000:]
+        page = line.split(": ", 1)[1].split()[0]
+        base = page.split("#")[0]
+        assert "<html" in urllib.request.urlopen(base, timeout=30).read().decode().lower()
+        api = f"{base}api/2.0/mlflow/runs/get?run_id={run_id}"
+        got = json.loads(urllib.request.urlopen(api, timeout=30).read())
+        assert got["run"]["info"]["status"] == "FINISHED"
+        assert {m["key"] for m in got["run"]["data"]["metrics"]} >= {"loss", "lr"}
+    finally:
+        ui.send_signal(signal.SIGINT)  # Ctrl-C: the UI and its server workers end
+        ui.wait(timeout=60)
+    assert ui.returncode == 0
+    assert subprocess.run(["pgrep", "-f", f"mlflow ui --backend-store-uri sqlite:///{tmp_path}"]).returncode == 1
+
+
+def test_the_command_line_explains_itself():
+    from knowlip.cli import EXAMPLES, _subparsers, build_parser
+
+    parser = build_parser()
+    leaves = {name: p for name, p in _subparsers(parser) if name not in ("config", "mlflow", "ckpt", "data")}
+    assert set(leaves) == set(EXAMPLES)
+    for name, p in leaves.items():
+        assert f"example:\n  knowlip {name}" in p.format_help(), name
+        for action in p._actions:
+            assert action.help, f"knowlip {name}: {action.option_strings or action.dest} has no help text"
+    version = subprocess.run(CLI + ["--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0
+    import deepspeed
+    import torch
+
+    assert f"torch {torch.__version__}" in version.stdout and f"deepspeed {deepspeed.__version__}" in version.stdout
+    bad = subprocess.run(CLI + ["eval", "x", "--shards", "y", "--fields", "road"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'road'" in bad.stderr and "roads" in bad.stderr

@@ -52,7 +52,7 @@ train: {{steps: 4, log_every: 2, tokenizer_vocab: 300}}
     # SCIO ran: step 3 in phase 2, step 4 in phase 3; the row sums the window of steps 3-4 over 2 ranks x 4 captions
     assert last["scio_phase"] == 3 and last["scio_screened"] == 16
     # tracked with nothing configured: the local MLflow store beside the run folder, and the command to browse it
-    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in proc.stdout
+    assert f"to browse it: knowlip mlflow ui {tmp_path}/run" in proc.stdout
     from mlflow.tracking import MlflowClient
 
     run_id = json.loads((tmp_path / "run/mlflow.json").read_text())["run_id"]

@@ -17,6 +17,7 @@ import collections
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -49,11 +50,56 @@ def is_file_store(uri: str) -> bool:
 
 
 def ui_command(cfg) -> str:
-    """The command that opens the MLflow UI on this run's store."""
-    uri, artifacts = tracking_uri(cfg)
+    """How to browse this run's store: the URL of a server, or the command that starts a UI on a local store."""
+    uri, _ = tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
         return f"open {redact_text(uri)}"
-    return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifacts} --port 5000"
+    return f"knowlip mlflow ui {cfg.run_dir}"
+
+
+def serve_ui(uri: str, artifacts: str | None, run_id: str | None, host: str = "127.0.0.1", port: int | None = None,
+             announce=lambda line: print(line, flush=True)) -> int:
+    """Start MLflow's UI on a local store and block until it ends (Ctrl-C); `announce` gets the URL of the run's
+    page once the UI answers. Returns the UI's exit code."""
+    import socket as sockets
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    if port is None:
+        with sockets.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    page = f"http://{host}:{port}/"
+    if run_id:
+        page += f"#/experiments/{MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id}/runs/{run_id}"
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+               "--workers", "1"] + (["--default-artifact-root", artifacts] if artifacts else [])
+    # its output goes to stderr (stdout: the page's line alone); its own session, ended with its server workers
+    ui = subprocess.Popen(command, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                          stdout=sys.stderr, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while ui.poll() is None and time.monotonic() < deadline:
+            try:
+                with sockets.create_connection((host, port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        if ui.poll() is None:
+            announce(f"MLflow UI on {redact_text(uri)}: {page}  (Ctrl-C to stop)")
+        return ui.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if ui.poll() is None:
+            os.killpg(ui.pid, signal.SIGTERM)
+            try:
+                ui.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(ui.pid, signal.SIGKILL)
+                ui.wait()
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:

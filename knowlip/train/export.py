@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -56,6 +57,9 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32", 
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (WEIGHTS + ".tmp")
     save_file(cast, str(tmp), metadata={"source": str(path), "dtype": dtype})
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # safetensors writes 0600; the export follows the umask like every other output
     tmp.replace(out / WEIGHTS)
     ckpt.copy_for_export(path, out)
     meta = ckpt.read_meta(path)
