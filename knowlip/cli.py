@@ -119,7 +119,7 @@ def cmd_data_replay(args: argparse.Namespace) -> int:
 def _train_command(args: argparse.Namespace) -> list[str]:
     """The command every local rank runs: this same `knowlip train` with the same arguments."""
     return [sys.executable, "-m", "knowlip.cli", "train"] + (["-c", args.config] if args.config else []) + \
-        list(args.overrides)
+        list(args.overrides) + ([f"log.level={args.log_level}"] if args.log_level else [])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -130,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from knowlip.logging_setup import configure_logging
     from knowlip.train.preflight import preflight
 
-    cfg = _config(args)  # a bad config fails here, before any process or process group
+    cfg = _config(args, [f"log.level={args.log_level}"] if args.log_level else [])  # fails before any process
     ranks = rank_env()
     if ranks is None or ranks.rank == 0:  # what this process can check alone, before any rank starts
         nothing_to_do = preflight(cfg)
@@ -143,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if nproc > 1:
             lock_run(cfg)  # held by this launcher for the job's life (its rank 0 sees that)
             return spawn_local_ranks(nproc, _train_command(args))
-    configure_logging(ranks is None or ranks.rank == 0)
+    configure_logging(ranks.rank if ranks else None, cfg.log.level, cfg.log.all_ranks, cfg.log.json)
     return _train_rank(cfg, ranks)
 
 
@@ -439,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _commands() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knowlip", description="SAR-KnowLIP pretraining toolkit")
     parser.add_argument("--version", action=_Version)
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="what to log (default INFO; train: overrides log.level of the config)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="show the resolved configuration")
@@ -569,6 +571,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = list(args.overrides) + unknown
     func: Callable[[argparse.Namespace], int] = args.func
+    from knowlip.logging_setup import configure_logging
+
+    configure_logging(None, args.log_level or "INFO")  # `train` sets it again from the config (log.*) and its rank
     try:
         return func(args)
     except KeyboardInterrupt:  # Ctrl-C outside training (training saves first: knowlip.launch.signals)

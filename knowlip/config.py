@@ -266,6 +266,15 @@ class MlflowConfig:
 
 
 @dataclass
+class LogConfig:
+    """What a job prints (knowlip.logging_setup): one format, `time LEVEL [rank N] message`, on stderr."""
+
+    level: str = "INFO"  # DEBUG also shows DeepSpeed's and MLflow's INFO lines (WARNING and up otherwise)
+    all_ranks: bool = False  # INFO from every rank, not only rank 0 (warnings and errors always)
+    json: Optional[str] = None  # also write every record as a JSON line here (other ranks: NAME.rankN.EXT)
+
+
+@dataclass
 class KnowlipConfig:
     run_dir: str = "runs/quickstart"
     seed: int = 0
@@ -285,6 +294,7 @@ class KnowlipConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     scio: ScioConfig = field(default_factory=ScioConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # Passed through to DeepSpeed's config for what knowlip does not model (merged over what knowlip sets).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -307,6 +317,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.losses.itc_columns": ("momentum", "online"),
     "dist.backend": ("auto", "gloo", "nccl"),
     "eval.fields": CAPTION_FIELDS,
+    "log.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 
 

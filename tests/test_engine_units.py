@@ -340,13 +340,13 @@ def test_a_rollback_starts_a_branch_and_sets_the_later_saves_aside(tmp_path):
     assert len(ckpt.abandoned_branches(root)) == 1 and (folder / "step_00000004" / "meta.json").is_file()
 
 
-def test_auto_falls_back_past_a_damaged_checkpoint_and_says_so(tmp_path, capsys):
+def test_auto_falls_back_past_a_damaged_checkpoint_and_says_so(tmp_path, caplog):
     root = tmp_path / "checkpoints"
     _saves(root, 2, 4)
     (root / "step_00000004" / "engine" / "x.pt").write_bytes(b"1" * 100)
     plan = ckpt._pick_resume(load_config(None, [f"run_dir={tmp_path}"]), 2, [])
     assert plan.path == root / "step_00000002"
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "step_00000004 cannot be resumed" in err and "sha256 does not match" in err and "falling back to step_00000002" in err
     assert [c.path.name for c in ckpt.abandoned_branches(root)[0][2]] == ["step_00000004"]  # kept to inspect
     (root / "step_00000002" / "engine" / "x.pt").write_bytes(b"1" * 100)

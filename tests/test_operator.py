@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +32,16 @@ def test_ctrl_c_saves_exits_130_and_the_same_command_resumes(local_run, tiny_tra
     assert job.returncode == 130, out + err[-3000:]
     assert "saved; run the same command to resume" in out and "Traceback" not in err, out + err[-3000:]
     assert err.count("interrupted: saving a checkpoint") == 1, err[-3000:]
+    # the log of a non-terminal run: one format, a plain line per logged step, no progress-bar redraws, each
+    # message once (rank 0), the start summary first
+    lines = [line for line in err.splitlines() if line.strip()]
+    form = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING|ERROR) \[rank \d\] ")
+    assert all(form.match(line) for line in lines), [line for line in lines if not form.match(line)][:5]
+    assert "\r" not in err and "[rank 1]" not in err
+    assert "model tiny: " in lines[1] and "2 rank(s) on CPU, engine deepspeed ZeRO-3" in err and "fingerprint" in err
+    step_lines = [line for line in lines if " step " in line and "/16 loss " in line]
+    assert len(step_lines) == max(losses(run)) and "samples/s" in step_lines[0] and "ETA" in step_lines[0]
+    assert err.count("saved checkpoint") == 1
     stopped = max(losses(run))
     assert stopped < 16 and (run / "checkpoints" / f"step_{stopped:08d}" / "meta.json").is_file()
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)

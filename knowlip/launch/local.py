@@ -126,7 +126,7 @@ def _wait_all(procs: list[subprocess.Popen], grace_s: float) -> int:
         failures = [p.returncode for p in procs if p.returncode not in (None, 0, INTERRUPTED_EXIT)]
         if failures and failed_at is None:
             failed_at, code = time.monotonic(), _exit_code(failures[0])
-            print(f"knowlip: a rank exited with {failures[0]}; stopping the others", file=sys.stderr)
+            print(f"knowlip: a rank exited with {failures[0]}; stopping the others", file=sys.stderr, flush=True)
             for p in procs:
                 if p.poll() is None:
                     p.terminate()

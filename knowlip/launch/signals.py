@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 # SIGUSR2: Slurm's signal before a time limit (--signal=USR2@delay, as submitit asks); SIGTERM: preemption or
 # a cancel; SIGINT: Ctrl-C.
@@ -35,13 +36,18 @@ class StopRequest:
 
     def _handle(self, signum, _frame) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            if self.announce:
-                os.write(sys.stderr.fileno(), b"knowlip: second interrupt: stopping now, without saving\n")
+            self._say("second interrupt: stopping now, without saving")
             os._exit(INTERRUPTED_EXIT)
-        if signum == signal.SIGINT and self.announce:
-            os.write(sys.stderr.fileno(), b"knowlip: interrupted: saving a checkpoint at the end of this step "
-                                          b"(Ctrl-C again to stop at once, without saving)\n")
+        if signum == signal.SIGINT:
+            self._say("interrupted: saving a checkpoint at the end of this step (Ctrl-C again to stop at once, "
+                      "without saving)")
         self.signum = signum  # nothing else: a handler may run at any bytecode, even inside a collective
+
+    def _say(self, message: str) -> None:
+        """One line in the log's format, written directly (the logging module's locks are not for handlers)."""
+        if self.announce:
+            line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} WARNING [rank 0] {message}\n"
+            os.write(sys.stderr.fileno(), line.encode())
 
     def request(self, signum: int = signal.SIGUSR1) -> None:
         self.signum = signum

@@ -530,7 +530,7 @@ def plan_resume(cfg, rank: int, world_size: int, run_files: list[Path]) -> Resum
 
 
 def _say(message: str) -> None:
-    print(f"knowlip: {message}", file=sys.stderr)
+    log.warning("%s", message)
 
 
 def _pick_resume(cfg, world_size: int, run_files: list[Path]) -> ResumePlan:

@@ -94,13 +94,30 @@ class MetricsFile:
             self.file.close()
 
 
-class ProgressBar:
-    """A progress bar on rank 0: step, loss, samples/s and ETA."""
+def step_line(row: dict, steps: int, global_batch: int) -> str:
+    """The plain line a log gets every train.log_every steps (where no progress bar is drawn)."""
+    def fmt(key: str, spec: str = ".4f") -> str:
+        value = row.get(key)
+        return "-" if value is None else format(value, spec)
 
-    def __init__(self, total: int, initial: int, active: bool):
+    rate = row.get("samples_per_s") or 0.0
+    eta = (steps - row["step"]) * global_batch / rate if rate else None
+    mfu = f" MFU {row['mfu']:.1%}" if row.get("mfu") is not None else ""
+    return (f"step {row['step']}/{steps} loss {fmt('loss')} (itc {fmt('loss_itc')} itm {fmt('loss_itm')} recon "
+            f"{fmt('loss_recon')}) lr {fmt('lr', '.2e')} grad_norm {fmt('grad_norm', '.3g')} | {rate:.1f} samples/s"
+            f"{mfu} data-wait {row.get('data_time_share', 0.0):.0%} | ETA "
+            f"{time.strftime('%H:%M:%S', time.gmtime(eta)) if eta is not None else '-'}")
+
+
+class ProgressBar:
+    """A progress bar on rank 0 when stderr is a terminal (step, loss, samples/s and ETA); in a log file its
+    redraws would pile up, so there the trainer logs a plain line every train.log_every steps instead."""
+
+    def __init__(self, total: int, initial: int, wanted: bool):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, disable=not active, unit="step", file=sys.stderr,
+        self.active = wanted and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, disable=not self.active, unit="step", file=sys.stderr,
                         mininterval=1.0, dynamic_ncols=True, desc="train")
         self.last = time.perf_counter()
 

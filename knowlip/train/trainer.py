@@ -40,7 +40,7 @@ from knowlip.train.engine import build_engine, check_deepspeed_section
 from knowlip.train.export import export_checkpoint
 from knowlip.train.faults import fault_at, kill_self, poison_gradients
 from knowlip.train.metrics import (METRICS_FILE, SCIO_SAMPLES_FILE, MetricsFile, ProgressBar, Throughput,
-                                   history_files, memory_use, truncate_metrics)
+                                   history_files, memory_use, step_line, truncate_metrics)
 from knowlip.train.schedule import alpha_at, lr_at
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,30 @@ class Trainer:
         elif self.rank == 0:
             truncate_metrics(self.metrics_path, 0)  # rows of an attempt that never saved a checkpoint
         self.tracking = RunTracking(None, None)  # started by train()
+        if self.rank == 0:
+            for line in self.start_summary():
+                log.info("%s", line)
+
+    def start_summary(self) -> list[str]:
+        """What an operator wants at the top of a job's log."""
+        cfg, engine = self.cfg, self.cfg.train.engine
+        parts: dict[str, int] = {}
+        for name, p in self.model.named_parameters():
+            part = name.split(".")[0]
+            part = "momentum copies" if part.endswith("_m") else part
+            parts[part] = parts.get(part, 0) + int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3: the whole size
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
+        stage = f" ZeRO-{cfg.train.zero_stage}" if engine == "deepspeed" else ""
+        start = (f"resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "a fresh start")
+        return [f"run {self.run_dir} (its resolved config: {self.run_dir / CONFIG})",
+                f"model {cfg.model.size}: {sum(parts.values()):,} parameters ("
+                + ", ".join(f"{k} {v:,}" for k, v in parts.items()) + ")",
+                f"{self.world_size} rank(s) on {device}, engine {engine}{stage}, {self.engine.compute_dtype}; global "
+                f"batch {self.global_batch} ({cfg.data.batch_size} x {self.world_size} rank(s) x "
+                f"{self.accumulation} micro-batch(es))",
+                f"data {self.index.root}: {self.index.total_samples:,} samples in {self.index.num_shards} shards, "
+                f"fingerprint {self.index.fingerprint()}",
+                f"steps {self.step} -> {cfg.train.steps}: {start}"]
 
     def start_tracking(self) -> None:
         """Open the MLflow run (or reopen the resumed one); every rank calls this (a broadcast)."""
@@ -153,8 +177,8 @@ class Trainer:
                 self.resume_changes = config_changes(saved_config, self.cfg)
                 log.warning("resuming %s with a changed config: %s", path, ", ".join(self.resume_changes) or "(hash only)")
             truncate_metrics(self.metrics_path, self.step, keep_dropped_in=abandoned)
-            print(f"knowlip: resumed from {path} at step {self.step} (epoch {self.loader.epoch}, cursor "
-                  f"{self.loader.cursor}){' via its universal form' if universal else ''}", file=sys.stderr)
+            log.info("resumed from %s at step %d (epoch %d, cursor %d)%s", path, self.step, self.loader.epoch,
+                     self.loader.cursor, " via its universal form" if universal else "")
         self.resumed_from = path
 
     def save_checkpoint(self) -> Path:
@@ -287,6 +311,8 @@ class Trainer:
                     row = {**self._row(values, meter.window()), **evals}
                     metrics.write(row)
                     self.tracking.log_metrics(self.step, row)
+                    if self.rank == 0 and not bar.active:
+                        log.info("%s", step_line(row, cfg.train.steps, self.global_batch))
                 if self.stop.requested:
                     stopped = f"signal {self.stop.name}"
                 elif self.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
