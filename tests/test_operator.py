@@ -129,6 +129,10 @@ def test_mlflow_status_says_how_each_job_ended(tiny_in_process_base, tmp_path, m
     last = Trainer(make_config(run, *base))
     last.train()
     assert status(last) == ("FINISHED", "finished: 5 of 5 steps") and last.tracking.run_id == first.tracking.run_id
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "resumed_from_step" in r] == [3, 4, 5]  # the first row after each resume
+    assert [r["resumed_from_step"] for r in rows if "resumed_from_step" in r] == [2, 3, 4]
+    assert {"losses.png", "lr.png", "throughput.png", "summary.md"} <= {p.name for p in (run / "report").iterdir()}
     again = subprocess.run(CLI + ["train", f"run_dir={run}", *base], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already finished: 5 of 5 steps" in again.stdout, again.stderr[-2000:]
     r = client.get_run(last.tracking.run_id)
@@ -191,6 +195,9 @@ def test_mlflow_ui_serves_the_runs_store_and_prints_its_page(tiny_in_process_bas
                                   "mlflow.system_metrics=false"))
     trainer.train()
     run_id = trainer.tracking.run_id
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (run / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # as every other output
     ui = subprocess.Popen(CLI + ["mlflow", "ui", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
     try:

@@ -7,29 +7,35 @@ import json
 from pathlib import Path
 
 
+RESUMED = "resumed_from_step"  # on the first metrics row after a resume: where the run resumed
+
+
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _plot(rows: list[dict], keys: list[str], title: str, path: Path) -> bool:
+def _plot(rows: list[dict], keys: list[str], title: str, path: Path, resumes: list[int] = ()) -> bool:
+    """One panel; the legend outside the axes (it hid the total loss), dotted lines where the run resumed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
     drawn = 0
     for key in keys:
         steps, values = _series(rows, key)
         if steps:
-            ax.plot(steps, values, label=key)
+            ax.plot(steps, values, label=key, linewidth=2.2 if key == "loss" else 1.2)
             drawn += 1
+    for n, step in enumerate(resumes):
+        ax.axvline(step, color="grey", linestyle=":", label="resumed" if n == 0 else None)
     if drawn:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize="small")
         fig.tight_layout()
         fig.savefig(path)
     plt.close(fig)
@@ -41,9 +47,11 @@ def write_report(run_dir: Path, out: Path) -> Path:
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     out.mkdir(parents=True, exist_ok=True)
     loss_keys = sorted({k for r in rows for k in r if k.startswith("loss")})
-    _plot(rows, loss_keys, "loss terms", out / "losses.png")
-    _plot(rows, ["samples_per_s"], "throughput (samples/s, all ranks)", out / "throughput.png")
-    _plot(rows, ["mfu", "data_wait_share"], "MFU and data-wait share", out / "mfu.png")
+    resumes = sorted({int(r[RESUMED]) for r in rows if isinstance(r.get(RESUMED), (int, float))})
+    _plot(rows, loss_keys, "loss terms", out / "losses.png", resumes)
+    _plot(rows, ["lr"], "learning rate", out / "lr.png", resumes)
+    _plot(rows, ["samples_per_s"], "throughput (samples/s, all ranks)", out / "throughput.png", resumes)
+    _plot(rows, ["mfu", "data_time_share"], "MFU and data-wait share", out / "mfu.png", resumes)
     evals = next((r for r in reversed(rows) if any(k.startswith("eval_") for k in r)), None)
     lines = ["| metric | value |", "| --- | ---: |"]
     if evals:

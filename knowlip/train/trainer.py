@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from knowlip.model.build import build_model
 from knowlip.model.flops import peak_flops, training_flops_per_sample
 from knowlip.ops.sar_norm import normalise_batch
 from knowlip.text.tokenizer import CaptionTokenizer, run_tokenizer
+from knowlip.track.report import RESUMED
 from knowlip.track.run_tracking import RunTracking, end_status, run_facts
 from knowlip.train import scio_loop
 from knowlip.train.checkpoint import (CONFIG, STATE, TOKENIZER, CheckpointManager, ModelBuffers, plan_resume,
@@ -291,7 +291,7 @@ class Trainer:
     def _loop(self, last: int, meter: Throughput, history: list[dict]) -> tuple[str | None, Path | None]:
         """Steps until `last` or a stop; returns (why it stopped early or None, the last checkpoint saved)."""
         cfg = self.cfg
-        stopped, saved = None, None
+        stopped, saved, history_logged = None, None, False
         batches = self.batches()
         with MetricsFile(self.metrics_path, self.rank == 0) as metrics, \
                 ProgressBar(cfg.train.steps, self.step, self.rank == 0 and cfg.train.progress) as bar:
@@ -307,18 +307,21 @@ class Trainer:
                 history.append(values)
                 bar.update(values, self.global_batch)
                 evals = self.evaluate_if_due()
-                if evals or self.step % cfg.train.log_every == 0 or self.step in (cfg.train.steps, last):
-                    row = {**self._row(values, meter.window()), **evals}
-                    metrics.write(row)
-                    self.tracking.log_metrics(self.step, row)
-                    if self.rank == 0 and not bar.active:
-                        log.info("%s", step_line(row, cfg.train.steps, self.global_batch))
                 if self.stop.requested:
                     stopped = f"signal {self.stop.name}"
                 elif self.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
                     stopped = "nonfinite"
                 elif self.step == last and last < cfg.train.steps:
                     stopped = "stop_at"
+                if evals or stopped or self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                    row = {**self._row(values, meter.window()), **evals}
+                    if self.resumed_from is not None and not history_logged:
+                        row[RESUMED] = self.step - len(history)  # the report marks where the run resumed
+                    history_logged = True
+                    metrics.write(row)
+                    self.tracking.log_metrics(self.step, row)
+                    if self.rank == 0 and not bar.active:
+                        log.info("%s", step_line(row, cfg.train.steps, self.global_batch))
                 if self.checkpoints.due(self.step, forced=stopped is not None):
                     saved = self.save_checkpoint()
         return stopped, saved
