@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from knowlip.redact import redact_logs
@@ -80,10 +81,13 @@ def configure_logging(rank: int | None = 0, level: str = "INFO", all_ranks: bool
     mine = wanted if (rank in (None, 0) or all_ranks) else max(wanted, logging.WARNING)
     libraries = logging.DEBUG if wanted <= logging.DEBUG else logging.WARNING
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for handler in list(root.handlers):  # ours from an earlier call, or a library's basicConfig on the console
+        console_stream = getattr(handler, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+        if getattr(handler, "knowlip", False) or (type(handler) is logging.StreamHandler and console_stream):
+            root.removeHandler(handler)
     rank_filter = _RankFilter(rank if rank is not None else 0)
     console = logging.StreamHandler()
+    console.knowlip = True
     console.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
     console.addFilter(rank_filter)
     root.addHandler(console)
@@ -93,6 +97,7 @@ def configure_logging(rank: int | None = 0, level: str = "INFO", all_ranks: bool
             path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
         machine = logging.FileHandler(path)
+        machine.knowlip = True
         machine.setFormatter(_JsonLines())
         machine.addFilter(rank_filter)
         root.addHandler(machine)

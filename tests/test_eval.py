@@ -48,6 +48,15 @@ def test_chance_recall_by_combinatorics():
     assert chance_recall(3, torch.tensor([1]), 10) == 1.0
 
 
+def test_clause_values_group_by_their_head_words():
+    from knowlip.eval.zero_shot import class_of
+
+    assert class_of("a lake in the north-west covering about 12 percent") == "a lake in the north-west"
+    assert class_of("a river flowing east-west covering about 7 percent") == "a river flowing east-west"
+    assert class_of("no water") == "no water" and class_of("12 percent") == "12 percent"
+    assert class_of("two roads crossing north-south and east-west") == "two roads crossing north-south and east-west"
+
+
 def test_classification_accuracy_recall_and_confusion():
     scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7], [0.1, 0.8, 0.1]])
     truth = torch.tensor([0, 1, 1, 2, 1])
@@ -104,3 +113,10 @@ def test_eval_cli_on_an_export_equals_the_checkpoint_and_two_ranks_equal_one(tra
     for direction in ("image_to_text", "text_to_image"):
         assert two[direction] == pytest.approx(one[direction], abs=1e-6)
     assert two["classify_water"]["confusion"] == one["classify_water"]["confusion"]
+    # water's values carry a percentage: its classes are their head words, fewer than the values
+    from knowlip.text.caption import parse_caption
+
+    captions = (synth_shards.parent / "scenes" / "captions.jsonl").read_text().splitlines()
+    waters = {parse_caption(json.loads(line)["caption"]).clauses["water"] for line in captions}
+    classes = one["classify_water"]["classes"]
+    assert all(not any(ch.isdigit() for ch in c) for c in classes) and 1 < len(classes) < len(waters), (classes, waters)

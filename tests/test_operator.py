@@ -24,7 +24,8 @@ def test_ctrl_c_saves_exits_130_and_the_same_command_resumes(local_run, tiny_tra
     end of the step on every rank and exits 130 with one line on how to resume, no traceback; the same command
     then finishes with the uninterrupted run's losses."""
     run = tmp_path / "run"
-    command = CLI + ["train", f"run_dir={run}", "dist.nproc_per_node=2", *tiny_train_base, "train.steps=16"]
+    command = CLI + ["train", f"run_dir={run}", "dist.nproc_per_node=2", *tiny_train_base, "train.steps=16",
+                     f"log.json={tmp_path}/log.jsonl"]
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_steps(run, 3)
     job.send_signal(signal.SIGINT)
@@ -42,6 +43,8 @@ def test_ctrl_c_saves_exits_130_and_the_same_command_resumes(local_run, tiny_tra
     step_lines = [line for line in lines if " step " in line and "/16 loss " in line]
     assert len(step_lines) == max(losses(run)) and "samples/s" in step_lines[0] and "ETA" in step_lines[0]
     assert err.count("saved checkpoint") == 1
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {r["rank"] for r in records} == {0} and sum("/16 loss " in r["message"] for r in records) == len(step_lines)
     stopped = max(losses(run))
     assert stopped < 16 and (run / "checkpoints" / f"step_{stopped:08d}" / "meta.json").is_file()
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)

@@ -71,10 +71,25 @@ def gather(e: Embeddings) -> Embeddings:
                       [c for p in parts for c in p[2]])
 
 
+FILLER = {"about", "around", "covering", "nearly", "over", "under", "of", "with", "and", "at", "in", "the", "some"}
+
+
+def class_of(value: str) -> str:
+    """A clause value's class: its head words, the text before its first number without the filler that led up to
+    it ('a lake in the north-west covering about 12 percent' -> 'a lake in the north-west'). Quantities would
+    split a field into dozens of one-off classes that no prompt can tell apart."""
+    words = value.split()
+    cut = next((i for i, w in enumerate(words) if any(ch.isdigit() for ch in w)), len(words))
+    head = words[:cut]
+    while cut < len(words) and head and head[-1].lower() in FILLER:
+        head.pop()
+    return " ".join(head) or value
+
+
 @torch.no_grad()
 def class_prompts(model, text_tokenizer, clauses: list[dict[str, str]], field: str, device) -> tuple[list[str], torch.Tensor]:
-    """The distinct keyword sets of one clause (the classes, sorted) and their prompt embeddings."""
-    classes = sorted({c[field] for c in clauses})
+    """The classes of one clause (its values' head words, sorted) and their prompt embeddings."""
+    classes = sorted({class_of(c[field]) for c in clauses})
     prompts = [clause_text(field, kw) for kw in classes]
     encoded = text_tokenizer(prompts)
     was_training = model.training
@@ -106,7 +121,7 @@ def evaluate(model, e: Embeddings, text_tokenizer, device, fields=DEFAULT_FIELDS
            "image_to_text": retrieval_metrics(sim, relevant), "text_to_image": retrieval_metrics(sim.t(), relevant)}
     for field in fields:
         classes, prompts = class_prompts(model, text_tokenizer, e.clauses, field, device)
-        truth = torch.tensor([classes.index(c[field]) for c in e.clauses])
+        truth = torch.tensor([classes.index(class_of(c[field])) for c in e.clauses])
         out[f"classify_{field}"] = classification_metrics(e.image @ prompts.t(), truth, classes)
     return out
 
