@@ -9,8 +9,8 @@ from pathlib import Path
 from knowlip.config import ConfigError
 from knowlip.data.shards import load_index
 from knowlip.data.storage import storage_options
-from knowlip.train.checkpoint import (check_fresh_start, checkpoint_root, list_checkpoints, read_meta,
-                                      resume_path)
+from knowlip.train.checkpoint import (CHECKPOINTS_DIR, check_fresh_start, checkpoint_root, list_checkpoints,
+                                      read_meta, resume_path)
 from knowlip.train.metrics import history_files
 
 
@@ -26,10 +26,9 @@ def resume_step(cfg) -> tuple[Path | None, int | None]:
     try:
         path = resume_path(cfg)
     except (FileNotFoundError, ValueError) as exc:
-        given = Path(cfg.resume)
-        roots = [checkpoint_root(cfg), given.parent / "checkpoints" if given.parent.name != "checkpoints"
-                 else given.parent, given / "checkpoints"]
-        raise FileNotFoundError(f"resume={cfg.resume}: {exc}; {_complete_listing(*dict.fromkeys(roots))}") from None
+        given = Path(cfg.resume)  # where the user pointed, its parent, and this run's own checkpoints
+        roots = dict.fromkeys([checkpoint_root(cfg), given.parent, given / CHECKPOINTS_DIR])
+        raise FileNotFoundError(f"resume={cfg.resume}: {exc}; {_complete_listing(*roots)}") from None
     meta = read_meta(path) if path is not None else None
     return path, (int(meta["step"]) if meta else None)
 
