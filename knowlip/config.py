@@ -45,6 +45,12 @@ class SynthConfig:
     products: list[str] = field(default_factory=lambda: ["intensity"])
     looks: float = 4.0  # speckle: gamma-distributed intensity with this equivalent number of looks
     seed: int = 0
+    # Known caption noise, to measure SCIO against: this share of the captioned samples gets one clause (of
+    # `noise_clauses`) replaced by another value that field takes in the same world. Which clause and its true
+    # text are written beside the caption (captions.jsonl "noise"), packed into the sample's metadata
+    # ("caption_noise"), never into the caption the model reads.
+    caption_noise: float = 0.0
+    noise_clauses: list[str] = field(default_factory=lambda: list(CAPTION_FIELDS))
 
 
 @dataclass
@@ -147,11 +153,21 @@ class LossConfig:
     itm_weight: float = 1.0
     recon_weight: float = 1.0
     momentum: float = 0.995  # EMA of the momentum encoders
-    alpha: float = 0.4  # momentum-distillation weight, ramped up linearly over train.alpha_ramp_steps
+    alpha: float = 0.4  # momentum-distillation weight, ramped up linearly from 0 over train.alpha_ramp_steps
     temp_init: float = 0.07
     temp_min: float = 0.001
     temp_max: float = 0.5
     other_mask_prob: float = 0.05  # non-keyword tokens masked for reconstruction (keywords: always)
+    # The geographic clause ("Located at 43.59N 4.52E (EPSG:32631), imaged by S1A VV on 2015-03-09") is a keyword
+    # span too; masking it always asks the decoder to read coordinates, EPSG code, sensor and date from pixels,
+    # which it cannot. Off: the clause stays in the ITC/ITM text and is masked only at other_mask_prob like any
+    # non-keyword token. On: masked with the eight clauses' keywords (knowlip before it was a setting).
+    mask_geo_clause: bool = False
+    # ITM hard negatives, drawn per row with weights from the batch similarities. "blip_pretrain" (BLIP's
+    # pretraining code): softmax over the whole row + 1e-4, then the positive (and same-caption columns) zeroed,
+    # so every negative keeps a small chance. "blip_retrieval" (BLIP's retrieval fine-tuning, knowlip before):
+    # softmax over the allowed negatives only.
+    itm_negatives: str = "blip_pretrain"
     label_smoothing: float = 0.1
     # ITC columns: "momentum" is BLIP's (the batch's momentum features, then the queue). "online" (the batch's
     # online features with grad, then the queue) is an ablation: knowlip's form before it followed BLIP.
@@ -179,11 +195,16 @@ class ModelConfig:
 class TrainConfig:
     steps: int = 40
     lr: float = 3e-4
+    min_lr: float = 1e-6  # the cosine decays to this at train.steps (BLIP's floor); 0 decays to nothing
+    # AdamW with betas (0.9, 0.98), not BLIP's (0.9, 0.999): the shorter second-moment memory of CLIP and open_clip,
+    # which keeps large-batch contrastive training stable when the similarity logits sharpen. No decay on biases,
+    # norm gains, position/class embeddings and the temperature (BLIP decays all): decay pulls a value to 0, and
+    # for a norm gain or the temperature that changes the function rather than regularising it (open_clip's rule).
     weight_decay: float = 0.05
     warmup_steps: float = 5  # steps, or below 1 a fraction of train.steps (0.02: the first 2% of the run)
     grad_clip: float = 0.0  # max global grad norm; 0 = off (set explicitly: DeepSpeed silently defaults to 1.0)
-    # Distillation weight ramps from 0 to model.losses.alpha over these steps (or, below 1, this fraction of the
-    # run; BLIP: the first epoch).
+    # Distillation weight ramps from exactly 0 at step 0 to model.losses.alpha over these steps (or, below 1, this
+    # fraction of the run; BLIP: the first two epochs of its 20).
     alpha_ramp_steps: float = 20
     log_every: int = 5
     device: str = "auto"  # auto | cpu | cuda
@@ -305,6 +326,7 @@ class KnowlipConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "synth.products": SAR_PRODUCTS,
+    "synth.noise_clauses": CAPTION_FIELDS,
     "pack.read.product": ("auto", *SAR_PRODUCTS),
     "pack.missing_caption": ("skip", "geo_only"),
     "norm.mode": ("scale", "standardise"),
@@ -315,6 +337,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "bf16", "bf16_weights", "fp32"),
     "train.engine": ("deepspeed", "plain"),
     "model.losses.itc_columns": ("momentum", "online"),
+    "model.losses.itm_negatives": ("blip_pretrain", "blip_retrieval"),
     "dist.backend": ("auto", "gloo", "nccl"),
     "eval.fields": CAPTION_FIELDS,
     "log.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -431,6 +454,7 @@ RANGES: dict[str, tuple] = {
     "synth.pixel_spacing_m": POSITIVE,
     "synth.looks": POSITIVE,
     "synth.seed": SEED,
+    "synth.caption_noise": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "pack.jobs": AT_LEAST_1,
     "pack.max_scene_values": AT_LEAST_1,
     "synth.size": (lambda v: v >= 8, "at least 8"),
@@ -465,6 +489,7 @@ RANGES: dict[str, tuple] = {
     "model.losses.label_smoothing": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "train.steps": AT_LEAST_1,
     "train.lr": POSITIVE,
+    "train.min_lr": (lambda v: v >= 0, "0 or more"),
     "train.weight_decay": (lambda v: v >= 0, "0 or more"),
     "train.tokenizer_vocab": (lambda v: v >= 128, "at least 128 (special tokens and the caption alphabet)"),
     "train.warmup_steps": STEPS_OR_FRACTION,
@@ -513,6 +538,9 @@ def _check_ranges(cfg: DictConfig) -> None:
         if value is not None and not 0.0 <= value < 1.0:
             raise ConfigError(f"bad value for '{key}': {value} must be in [0, 1) (or null for the preset)")
     losses = cfg.model.losses
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ConfigError(f"bad value for train.min_lr: {cfg.train.min_lr} is above train.lr={cfg.train.lr} (the "
+                          "cosine decays from lr to min_lr)")
     if not losses.temp_min <= losses.temp_init <= losses.temp_max:
         raise ConfigError(f"bad values for the temperature: model.losses.temp_min={losses.temp_min} <= temp_init="
                           f"{losses.temp_init} <= temp_max={losses.temp_max} does not hold")

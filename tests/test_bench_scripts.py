@@ -45,12 +45,21 @@ def test_train_step_bench_runs_both_engines_on_cpu():
 
 @pytest.mark.integration
 def test_learning_check_bench_trains_and_evaluates(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "bench/learning_check.py"), "--steps", "3", "--batch-size", "8",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    """The SCIO question's script, small: a noisy world, one seed, phase 1 once, then SCIO off and on from it."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench/learning_check.py"), "--steps", "6", "--batch-size", "8",
+                           "--pretrained-text", "", "--noise", "0.5", "--seeds", "3", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [(r["itc_columns"], r["scio"]) for r in rows] == [("online", False), ("online", True), ("momentum", False)]
+    assert [(r["caption_noise"], r["seed"], r["scio"]) for r in rows] == [(0.5, 3, "off"), (0.5, 3, "on")]
     assert all(0 < r["i2t_chance_r1"] < r["i2t_chance_r5"] < 1 for r in rows)
+    off, on = rows
+    assert "flag_precision_random" not in off and on["screened"] == 4 * 8  # phases 2 and 3: steps 3..6
+    assert on["corrupted_screened"] > 0 and 0 < on["flag_precision_random"] < 1
+    for run in ("off", "on"):  # both continued from the same phase-1 checkpoint, the branch point
+        steps = [json.loads(line)["step"] for line in (tmp_path / f"run_noise0.5_seed3_scio_{run}" / "metrics.jsonl")
+                 .open()]
+        assert steps[0] <= 2 and steps[-1] == 6
 
 
 def test_gpu_scripts_say_no_gpu_and_exit_0_without_one():

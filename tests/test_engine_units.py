@@ -24,8 +24,18 @@ def test_lr_warms_up_from_the_first_step_then_follows_a_cosine_to_zero():
     assert lr_at(0, 1e-3, 0, 10) == pytest.approx(1e-3)
 
 
-def test_alpha_ramps_linearly_over_its_steps():
-    assert [alpha_at(s, 0.4, 4) for s in range(6)] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+def test_lr_decays_to_min_lr_not_below():
+    """train.min_lr: BLIP's cosine floors at its min_lr; warmup is unchanged."""
+    values = [lr_at(s, 1e-3, 4, 14, min_lr=1e-5) for s in range(15)]
+    assert values[:5] == pytest.approx([lr_at(s, 1e-3, 4, 14) for s in range(5)])
+    assert values[9] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # halfway through the decay: the midpoint
+    assert values[14] == pytest.approx(1e-5) and min(values) == pytest.approx(1e-5)
+
+
+def test_alpha_ramps_linearly_from_exactly_zero_as_blip():
+    """BLIP's pretrain.py: alpha * min(1, i / ramp), i from 0: the first step has no distillation."""
+    assert [alpha_at(s, 0.4, 4) for s in range(6)] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
+    assert alpha_at(0, 0.4, 4) == 0.0
     assert alpha_at(0, 0.4, 0) == 0.4
 
 
@@ -197,7 +207,7 @@ def test_schedule_lengths_are_steps_or_fractions_of_the_run(tmp_path):
     lr, alpha = Trainer.lr_at, Trainer.alpha_at
     fake = type("T", (), {"cfg": cfg})()
     assert lr(fake, 0) == pytest.approx(cfg.train.lr / 10) and lr(fake, 9) == pytest.approx(cfg.train.lr)
-    assert alpha(fake, 49) == pytest.approx(cfg.model.losses.alpha / 2)
+    assert alpha(fake, 50) == pytest.approx(cfg.model.losses.alpha / 2)
     base = load_config(REPO / "configs/model/base.yaml", ["train.steps=300000"])
     assert schedule_steps(base.train.warmup_steps, 300_000) == 6000
     with pytest.raises(ConfigError, match="warmup_steps"):

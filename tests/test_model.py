@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from knowlip.model.attention import attention, reference_attention
 from knowlip.model.dims import preset
 from knowlip.model.flops import text_forward_flops, training_flops_per_sample, vision_forward_flops
-from knowlip.model.losses import (itc_loss, mask_for_reconstruction, reconstruction_loss,
+from knowlip.model.losses import (ITM_NEGATIVE_FLOOR, itc_loss, mask_for_reconstruction, reconstruction_loss,
                                   sample_hard_negatives)
 from knowlip.model.sar_knowlip import SarKnowLIP, SpecialTokens
 from knowlip.model.vit import interpolate_pos_embed
@@ -255,6 +255,28 @@ def test_hard_negatives_skip_equal_captions_and_fall_back_to_any_other_index():
     torch.testing.assert_close(freq, torch.tensor([0.0, 1 / 3, 1 / 3, 1 / 3]), atol=0.03, rtol=0)
 
 
+def test_hard_negatives_blip_pretrain_form_keeps_a_floor_for_every_negative():
+    """model.losses.itm_negatives=blip_pretrain: weights softmax(row) + 1e-4, positive and equal captions zeroed.
+    One negative dominates; the other allowed ones are drawn at the floor's rate, never with blip_retrieval."""
+    torch.manual_seed(0)
+    n, cols = 200_000, 12
+    sim = torch.full((n, cols), -30.0)
+    sim[:, 0], sim[:, 1] = 30.0, 20.0  # the positive, then one dominant negative; cols 2..10 near 0 weight
+    exclude = torch.zeros(n, cols, dtype=torch.bool)
+    exclude[:, 11] = True  # an equal caption: never a negative, floor or not
+    positives = torch.zeros(n, dtype=torch.long)
+    floor = ITM_NEGATIVE_FLOOR["blip_pretrain"]
+    picks = sample_hard_negatives(sim, positives, exclude, floor=floor)
+    p = torch.softmax(sim[0].double(), 0) + floor  # the independent computation of BLIP's weights
+    p[0] = p[11] = 0
+    expected_tail = float(p[2:11].sum() / p.sum())  # ~ 9e-4 / (e^-10 + 9e-4 + ...)
+    tail = float((picks >= 2).float().mean())
+    assert (picks != 0).all() and (picks != 11).all()
+    assert abs(tail - expected_tail) < 4 * (expected_tail / n) ** 0.5 + 1e-5, (tail, expected_tail)
+    retrieval = sample_hard_negatives(sim, positives, exclude, floor=ITM_NEGATIVE_FLOOR["blip_retrieval"])
+    assert set(retrieval.tolist()) == {1}
+
+
 def test_itm_pairs_and_labels_never_use_an_equal_caption_as_a_negative(monkeypatch):
     """Captions 0 and 1 are equal, so are 2 and 3 (templated captions repeat): every negative text of image i
     and every negative image of text i must carry another caption, and labels are [1]*B + [0]*2B."""
@@ -266,7 +288,7 @@ def test_itm_pairs_and_labels_never_use_an_equal_caption_as_a_negative(monkeypat
     ids[3], att[3] = ids[2], att[2]
     seen = {}
     real_sampler, real_logits = sk.sample_hard_negatives, m.itm_logits
-    monkeypatch.setattr(sk, "sample_hard_negatives", lambda *a: seen.setdefault("neg", real_sampler(*a)))
+    monkeypatch.setattr(sk, "sample_hard_negatives", lambda *a, **k: seen.setdefault("neg", real_sampler(*a, **k)))
 
     def logits(pair_images, pair_ids, pair_att):
         seen.update(images=pair_images.detach(), ids=pair_ids, logits=real_logits(pair_images, pair_ids, pair_att))

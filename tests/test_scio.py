@@ -115,3 +115,131 @@ def test_a_resume_inside_phase_2_reproduces_the_same_filtered_captions(tiny_in_p
     assert any(r["flagged"] for r in records if r["step"] > 3)
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["scio_phase"] == 3
+
+
+# -- SCIO against known caption noise (synth.caption_noise) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def noisy_world(tmp_path_factory):
+    """The same 4 scenes packed clean and with half the chip captions corrupted in two allowed fields."""
+    from knowlip.data.pack import pack
+    from knowlip.sar.synth import synthesise_from_config
+
+    worlds = {}
+    for name, noise in (("clean", 0.0), ("noisy", 0.5)):
+        root = tmp_path_factory.mktemp(name)
+        cfg = make_config(root, "synth.num_scenes=4", "synth.size=128", "pack.chip.size=32", "pack.chip.stride=32",
+                          f"synth.caption_noise={noise}", "synth.noise_clauses=[water,roads]")
+        synthesise_from_config(cfg)
+        pack(cfg)
+        worlds[name] = root
+    return worlds
+
+
+def _records(root):
+    return {r["id"]: r for r in map(json.loads, (root / "scenes" / "captions.jsonl").read_text().splitlines())}
+
+
+def test_caption_noise_corrupts_its_share_in_allowed_fields_and_keeps_the_truth_out_of_the_text(noisy_world):
+    from knowlip.data.loader import StreamingLoader
+    from knowlip.text.caption import parse_caption
+
+    clean, noisy = _records(noisy_world["clean"]), _records(noisy_world["noisy"])
+    chips = [k for k in clean if "_r" in k]  # the chip records (the scene records are no samples here)
+    corrupted = [k for k in chips if noisy[k]["noise"]]
+    assert len(chips) == 4 * 16 and len(corrupted) == 32  # exactly round(0.5 x 64)
+    assert all(clean[k]["noise"] is None for k in clean) and all(noisy[k]["noise"] is None for k in noisy
+                                                                   if k not in corrupted)
+    values = {f: {parse_caption(clean[k]["caption"]).clauses[f] for k in chips} for f in ("water", "roads")}
+    for k in chips:
+        was, now = parse_caption(clean[k]["caption"]).clauses, parse_caption(noisy[k]["caption"]).clauses
+        changed = [f for f in FIELDS if was[f] != now[f]]
+        if k not in corrupted:
+            assert changed == []
+            continue
+        field = noisy[k]["noise"]["field"]
+        assert changed == [field] and field in ("water", "roads")
+        assert noisy[k]["noise"]["original"] == was[field] and now[field] in values[field]  # another real value
+    for a, b in zip(sorted((noisy_world["clean"] / "scenes").glob("*.tif")),
+                    sorted((noisy_world["noisy"] / "scenes").glob("*.tif"))):
+        assert a.read_bytes() == b.read_bytes()  # the noise changes captions only
+    samples = [(key, caption, meta) for batch in StreamingLoader(noisy_world["noisy"] / "shards", batch_size=16,
+                                                                  drop_last=False, decode_chip=False)
+               for key, caption, meta in zip(batch["keys"], batch["captions"], batch["meta"])]
+    assert len(samples) == 64
+    for key, caption, meta in samples:
+        assert meta["caption_noise"] == noisy[key]["noise"]
+        # what the model reads: the corrupted caption as written, then the geographic clause; no truth in it
+        assert caption.split(" Located at ")[0] == noisy[key]["caption"]
+
+
+def test_the_truth_scorer_counts_flags_and_repairs_as_made_by_hand(text_tokenizer):
+    from knowlip.train import scio_truth
+
+    water, roads = FIELDS.index("water"), FIELDS.index("roads")
+    metas = [{"caption_noise": {"field": "water", "original": "no water"}},  # flagged right
+             {"caption_noise": {"field": "roads", "original": "no roads"}},  # flagged wrong (water)
+             {"caption_noise": {"field": "water", "original": "no water"}},  # missed
+             {"caption_noise": None},  # true caption, flagged: a false flag
+             {"caption_noise": None},  # true caption, kept
+             {}]  # nothing known: not scored
+    choice = [water, water, -1, roads, -1, water]
+    counts = scio_truth.score_flags(choice, scio_truth.corrupted_fields(metas))
+    assert (counts["known"], counts["corrupted"], counts["flag_true"], counts["flag_false"]) == (5, 3, 1, 2)
+    rates = scio_truth.rates(counts)
+    assert rates["scio_flag_precision"] == pytest.approx(1 / 3, abs=1e-4)
+    assert rates["scio_flag_recall"] == pytest.approx(1 / 3, abs=1e-4)
+    assert rates["scio_flag_precision_water"] == pytest.approx(1 / 2) and rates["scio_flag_recall_water"] == 0.5
+    assert rates["scio_flag_recall_roads"] == 0.0 and rates["scio_flag_precision_roads"] == 0.0
+    assert "scio_flag_precision_terrain" not in rates and "scio_repair_acc" not in rates  # 0/0: absent
+    nothing_known = scio_truth.score_flags([water, -1], scio_truth.corrupted_fields([{}, {}]))
+    assert scio_truth.rates(nothing_known) == {}
+
+    # Repairs: the water clause was corrupted to "no buildings" (as many tokens as the true "no water").
+    true_caption = make_caption(CLAUSES).text()
+    shown = make_caption({**CLAUSES, "water": "no buildings"}).text()
+    screen, _ = scio.prepare([shown, shown], text_tokenizer, 3)
+    ids = text_tokenizer([shown, shown])["input_ids"]
+    positions = screen.field_masks[0, water]
+    right = ids.clone()
+    right[0, positions] = text_tokenizer([true_caption])["input_ids"][0][
+        text_tokenizer.span_masks([true_caption], [[[s for s in make_caption(CLAUSES).keyword_spans()
+                                                      if s[0] == "water"]]])[0, 0]]
+    truth = [{"caption_noise": {"field": "water", "original": "no water"}}] * 2
+    counts = scio_truth.score_repairs([water, water], truth, [shown, shown], right, screen.field_masks, text_tokenizer)
+    assert counts == {"repair_scored": 2, "repair_length_match": 2, "repair_exact": 1}  # row 1 left the noise
+    wrong_field = scio_truth.score_repairs([roads, -1], truth, [shown, shown], right, screen.field_masks,
+                                           text_tokenizer)
+    assert wrong_field["repair_scored"] == 0  # only true flags are scored
+
+
+def test_a_run_on_noisy_captions_logs_flag_figures_from_phase_2_and_none_before(noisy_world, tmp_path):
+    from knowlip.train.trainer import Trainer
+
+    cfg = make_config(tmp_path, f"data.shards={noisy_world['noisy'] / 'shards'}", "data.batch_size=8",
+                      "train.steps=6", "train.engine=plain", "train.progress=false", "train.log_every=1",
+                      "model.image_size=32", "model.queue_size=16", "mlflow.enabled=false", "scio.samples_every=0")
+    trainer = Trainer(cfg)
+    assert trainer.text.mask_geo_clause is False  # model.losses.mask_geo_clause's default reaches the tokenizer
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["scio_phase"] for r in rows] == [1, 1, 2, 2, 3, 3]
+    assert not any(k.startswith(("scio_flag_", "scio_truth")) for r in rows[:2] for k in r)  # phase 1: no screening
+    for r in rows[2:]:
+        assert r["scio_truth_corrupted"] >= 0 and ("scio_flag_precision" in r) == (r["scio_changed"] > 0)
+    assert sum(r["scio_truth_corrupted"] for r in rows[2:]) == trainer.scio_stats.totals["truth_corrupted"] > 0
+
+
+def test_the_geo_clause_is_a_keyword_span_only_when_asked(text_tokenizer):
+    geo = "43.5944N 4.5204E (EPSG:32631), imaged by SYNTH-SAR VV on 2015-03-09"
+    caption = make_caption(CLAUSES, geo)
+    spans = [caption.keyword_spans()]
+    out = {masked: CaptionTokenizer(text_tokenizer.tok, 96, mask_geo_clause=masked)([caption.text()], spans)
+           for masked in (False, True)}
+    geo_span = caption.keyword_spans()[-1]
+    geo_tokens = text_tokenizer.span_masks([caption.text()], [[[geo_span]]])[:, 0]
+    assert geo_span[0] == "geo" and geo_tokens.sum() > 5
+    assert torch.equal(out[True]["keyword_mask"], out[False]["keyword_mask"] | geo_tokens)
+    assert not (out[False]["keyword_mask"] & geo_tokens).any() and out[False]["keyword_mask"].any()
+    assert torch.equal(out[False]["input_ids"], out[True]["input_ids"])  # the text keeps its geography

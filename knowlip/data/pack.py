@@ -292,6 +292,9 @@ def _scene_samples(path: Path, p, captions: CaptionIndex) -> Iterator[tuple | No
             yield None
             continue
         meta = dict(chip.meta, keyword_spans=spans)
+        known, noise = captions.truth(chip.chip_id, chip.meta["scene_id"])
+        if known:  # the truth goes into the metadata, the caption's text stays as given
+            meta["caption_noise"] = noise
         yield (chip.chip_id, encode_sample(chip.data, text, meta), "+".join(chip.meta["polarisations"]),
                str(chip.data.dtype))
 

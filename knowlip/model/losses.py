@@ -69,10 +69,15 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tens
     return (loss_i2t + loss_t2i) / 2, extras
 
 
+ITM_NEGATIVE_FLOOR = {"blip_pretrain": 1e-4, "blip_retrieval": 0.0}  # model.losses.itm_negatives
+
+
 @torch.no_grad()
 def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, exclude: torch.Tensor | None = None,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """For each row, one column index drawn with probability softmax(sim) over the allowed negatives.
+                          generator: torch.Generator | None = None, floor: float = 0.0) -> torch.Tensor:
+    """For each row, one column index drawn with probability softmax(sim) over the allowed negatives; with a
+    `floor`, BLIP pretraining's weights instead: softmax(sim) over the whole row + floor, then the positive and
+    the excluded columns zeroed (every allowed negative keeps a chance of at least about `floor`).
 
     sim: (B, G) similarities of local rows to the global batch; positives: (B,) the positive column per row;
     exclude: (B, G) True where a column may not be a negative (its caption equals the positive's). The positive is
@@ -84,6 +89,10 @@ def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, exclude: t
     not_positive = torch.ones_like(sim, dtype=torch.bool).scatter(1, positives[:, None], False)
     allowed = not_positive if exclude is None else not_positive & ~exclude
     stuck = ~allowed.any(1, keepdim=True)  # every other caption equals the positive's
+    if floor > 0:
+        weights = (sim.float().softmax(dim=1) + floor).masked_fill(~allowed, 0.0)
+        weights = torch.where(stuck, not_positive.float(), weights)
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
     logits = sim.float().masked_fill(~allowed, float("-inf"))
     uniform = torch.zeros_like(logits).masked_fill(~not_positive, float("-inf"))
     logits = torch.where(stuck, uniform, logits)

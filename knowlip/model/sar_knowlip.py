@@ -20,8 +20,8 @@ from knowlip.model.attention import AttentionStats
 from knowlip.model.dims import ModelDims
 from knowlip.model.distributed import gather_no_grad, gather_with_grad
 from knowlip.model.scio import ScioBatch, choose_variants, repair_ids
-from knowlip.model.losses import (float32_region, itc_loss, itm_targets, mask_for_reconstruction,
-                                  reconstruction_loss, sample_hard_negatives)
+from knowlip.model.losses import (ITM_NEGATIVE_FLOOR, float32_region, itc_loss, itm_targets,
+                                  mask_for_reconstruction, reconstruction_loss, sample_hard_negatives)
 from knowlip.model.text import TextModel
 from knowlip.model.vit import VisionTransformer
 
@@ -222,7 +222,8 @@ class SarKnowLIP(nn.Module):
         same_text = (ids[:, None, :] == ids_all[None, :, :]).all(-1)
         # One sampling call for both directions: rows [images vs texts; texts vs images] of the global batch.
         negatives = sample_hard_negatives(torch.cat([sims["sim_i2t"], sims["sim_t2i"]]), torch.cat([labels, labels]),
-                                          torch.cat([same_text, same_text]))
+                                          torch.cat([same_text, same_text]),
+                                          floor=ITM_NEGATIVE_FLOOR[self.loss_cfg.itm_negatives])
         neg_text_idx, neg_image_idx = negatives[:b], negatives[b:]  # a text per image, an image per text
         image_all = gather_with_grad(image_embeds, group)
         pair_images = torch.cat([image_embeds, image_embeds, image_all[neg_image_idx]], dim=0)

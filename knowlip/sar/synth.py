@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import rasterio
@@ -17,6 +18,7 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_transform
 
 from knowlip.sar.geotiff import chip_grid, chip_id
+from knowlip.text.caption import FIELDS as CAPTION_FIELDS
 from knowlip.text.caption import make_caption
 
 WATER, VEGETATION, FIELDS, URBAN, ROAD = range(5)
@@ -243,15 +245,17 @@ def add_swath_edge(data: np.ndarray, product: str, rng: np.random.Generator) -> 
 
 def synthesise(out_dir: str | Path, num_scenes: int, size: int, seed: int, polarisations: list[str],
                products: list[str], looks: float = 4.0, spacing: float = 10.0,
-               chip_size: int | None = None, chip_stride: int | None = None) -> list[Path]:
+               chip_size: int | None = None, chip_stride: int | None = None, caption_noise: float = 0.0,
+               noise_clauses: Sequence[str] = CAPTION_FIELDS) -> list[Path]:
     """Write `num_scenes` GeoTIFFs and captions.jsonl into out_dir; returns the scene paths.
 
     captions.jsonl holds one caption per scene and, when a chip grid is given, one per chip (keyed by the chip
-    id `knowlip pack` will give it), each measured on that chip's own window of the land-cover map.
+    id `knowlip pack` will give it), each measured on that chip's own window of the land-cover map. Every record
+    says whether its caption is true ("noise": null) or which clause `caption_noise` corrupted (add_caption_noise).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, records = [], []
+    paths, records, samples = [], [], []
     for i in range(num_scenes):
         rng = np.random.default_rng([seed, i])
         spec = random_spec(rng)
@@ -267,20 +271,48 @@ def synthesise(out_dir: str | Path, num_scenes: int, size: int, seed: int, polar
         scene_id = f"synth_{seed:04d}_{i:05d}_{'_'.join(polarisations)}_{product}"
         path = out_dir / f"{scene_id}.tif"
         write_scene(path, data, product, polarisations, lon, lat, spacing, acquired)
-        records.append({"id": scene_id, "caption": make_caption(caption_clauses(cls, bright, spec)).text()})
+        records.append({"id": scene_id, "clauses": caption_clauses(cls, bright, spec)})
+        chips = []
         for r, c in chip_grid(size, size, chip_size or 0, chip_stride or 0):
             window = (slice(r, r + chip_size), slice(c, c + chip_size))
-            text = make_caption(caption_clauses(cls[window], bright[window], spec)).text()
-            records.append({"id": chip_id(scene_id, r, c), "caption": text})
+            chips.append({"id": chip_id(scene_id, r, c), "clauses": caption_clauses(cls[window], bright[window], spec)})
+        records += chips
+        samples += chips or records[-1:]  # what `knowlip pack` makes samples of: the chips, else the scene
         paths.append(path)
+    add_caption_noise(samples, caption_noise, list(noise_clauses), seed)
+    for rec in records:
+        rec["caption"] = make_caption(rec.pop("clauses")).text()
+        rec.setdefault("noise", None)
     with (out_dir / "captions.jsonl").open("w") as f:
         for rec in records:
             f.write(json.dumps(rec) + "\n")
     return paths
 
 
+def add_caption_noise(records: list[dict], rate: float, fields: list[str], seed: int) -> None:
+    """Corrupt round(rate x len(records)) of the records, chosen at random, in place: one clause of `fields`
+    gets another value that the same field takes elsewhere in `records` (a plausible wrong clause, not a
+    made-up one), and record["noise"] = {"field", "original"} keeps the truth. A pure function of the seed."""
+    if rate <= 0:
+        return
+    if not fields:
+        raise ValueError("synth.noise_clauses is empty: caption noise needs at least one field to corrupt")
+    values = {f: sorted({rec["clauses"][f] for rec in records}) for f in fields}
+    rng = np.random.default_rng([seed, 0x5C10])  # its own stream: the scenes do not change with the noise
+    for i in sorted(rng.choice(len(records), size=round(rate * len(records)), replace=False)):
+        clauses = records[i]["clauses"]
+        corruptible = [f for f in fields if len(values[f]) > 1]
+        if not corruptible:
+            raise ValueError(f"no field of {fields} takes two values in this world: nothing to corrupt it with")
+        field = corruptible[rng.integers(len(corruptible))]
+        others = [v for v in values[field] if v != clauses[field]]
+        records[i]["noise"] = {"field": field, "original": clauses[field]}
+        records[i]["clauses"] = {**clauses, field: others[rng.integers(len(others))]}
+
+
 def synthesise_from_config(cfg) -> list[Path]:
     """`synthesise` with the `synth` section, writing per-chip captions for the `pack.chip` grid."""
     s = cfg.synth
     return synthesise(s.out_dir, s.num_scenes, s.size, s.seed, list(s.polarisations), list(s.products), s.looks,
-                      s.pixel_spacing_m, cfg.pack.chip.size, cfg.pack.chip.stride)
+                      s.pixel_spacing_m, cfg.pack.chip.size, cfg.pack.chip.stride, s.caption_noise,
+                      list(s.noise_clauses))

@@ -114,11 +114,15 @@ def geo_clause(meta: dict) -> str:
 
 class CaptionIndex:
     """Captions from a JSONL file keyed by chip or scene id: {"id": ..., "caption": "..."} or
-    {"id": ..., "clauses": {"terrain": ..., ...}}. Lookup tries the chip id first, then its scene id."""
+    {"id": ..., "clauses": {"terrain": ..., ...}}. Lookup tries the chip id first, then its scene id.
+
+    A record may say what is known of its caption's truth (`knowlip synth` writes it): "noise": null for a true
+    caption, {"field": F, "original": TEXT} when clause F was corrupted and TEXT is its true keywords."""
 
     def __init__(self, path: str | Path | None):
         self.path = Path(path) if path else None
         self.by_id: dict[str, Caption] = {}
+        self.noise_by_id: dict[str, dict | None] = {}  # only the records that carry "noise"
         self.errors: list[str] = []
         if self.path:
             self._load()
@@ -139,6 +143,8 @@ class CaptionIndex:
                         cap = make_caption(record["clauses"], record["clauses"].get(GEO_FIELD))
                     else:
                         cap = parse_caption(record["caption"])
+                    if "noise" in record:
+                        self.noise_by_id[key] = _checked_noise(record["noise"])
                 except (json.JSONDecodeError, KeyError, TypeError, CaptionError) as exc:
                     self.errors.append(f"{where}: {type(exc).__name__}: {exc}")
                     continue
@@ -146,3 +152,19 @@ class CaptionIndex:
 
     def lookup(self, chip_id: str, scene_id: str) -> Caption | None:
         return self.by_id.get(chip_id) or self.by_id.get(scene_id)
+
+    def truth(self, chip_id: str, scene_id: str) -> tuple[bool, dict | None]:
+        """(whether the caption `lookup` finds has a known truth, its noise record: None when it is true)."""
+        key = chip_id if chip_id in self.by_id else scene_id
+        return key in self.noise_by_id, self.noise_by_id.get(key)
+
+
+def _checked_noise(noise) -> dict | None:
+    """A caption's noise record as `knowlip synth` writes it; CaptionError when it is anything else."""
+    if noise is None:
+        return None
+    if not isinstance(noise, dict) or noise.get("field") not in FIELDS or not isinstance(noise.get("original"), str) \
+            or not noise["original"].strip():
+        raise CaptionError(f"'noise' must be null or {{\"field\": one of {', '.join(FIELDS)}, \"original\": "
+                           f"its true keywords}}, not {str(noise)[:80]!r}")
+    return {"field": noise["field"], "original": _clean(noise["original"])}

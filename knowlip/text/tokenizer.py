@@ -13,6 +13,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from knowlip.text.caption import GEO_FIELD
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[ENC]", "[DEC]"]
 
 
@@ -83,8 +85,9 @@ class CaptionTokenizer:
     transformers call wrapper costs more than the tokenisation itself at loader rates.
     """
 
-    def __init__(self, tokenizer, max_len: int):
+    def __init__(self, tokenizer, max_len: int, mask_geo_clause: bool = True):
         self.tok, self.max_len = tokenizer, max_len
+        self.mask_geo_clause = mask_geo_clause  # model.losses.mask_geo_clause: the geo clause's span is a keyword
         self._fast = copy.deepcopy(tokenizer.backend_tokenizer)
         self._fast.enable_truncation(max_len)
         self._fast.enable_padding(length=max_len, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
@@ -101,6 +104,8 @@ class CaptionTokenizer:
         out = {"input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.long),
                "attention_mask": torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)}
         if spans is not None:
+            if not self.mask_geo_clause:
+                spans = [[s for s in sample if not (len(s) == 3 and s[0] == GEO_FIELD)] for sample in spans]
             out["keyword_mask"] = keyword_mask(_offsets(encodings), out["attention_mask"], spans)
         return out
 

@@ -28,7 +28,7 @@ from knowlip.train.checkpoint import ENGINE_TAG, load_data, plain_engine_file
 
 log = logging.getLogger(__name__)
 
-OPTIMIZER_BETAS = (0.9, 0.98)
+OPTIMIZER_BETAS = (0.9, 0.98)  # why not BLIP's (0.9, 0.999): the comment on train.weight_decay in config.py
 # DeepSpeed keys that knowlip derives from its own config; the `deepspeed:` section may not set them.
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
               "gradient_clipping", "optimizer", "scheduler")

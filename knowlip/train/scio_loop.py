@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from knowlip.model.scio import ScioBatch
+from knowlip.train import scio_truth
 from knowlip.text.caption import FIELDS, CaptionError, parse_caption
 
 
@@ -59,8 +60,29 @@ def prepare(captions: list[str], text_tokenizer, phase: int) -> tuple[ScioBatch,
     return batch, [texts[i * k:(i + 1) * k] for i in range(b)]
 
 
+TRUTH = "truth_"  # the prefix of scio_truth's counters among ScioStats' own
+
+
+def truth_part(counters: dict[str, float]) -> dict[str, float]:
+    return {k[len(TRUTH):]: v for k, v in counters.items() if k.startswith(TRUTH)}
+
+
+def score(out: dict[str, torch.Tensor], batch: dict, screen: ScioBatch, text_tokenizer) -> dict[str, int] | None:
+    """This batch's ground-truth counts (scio_truth), None when its samples carry no truth."""
+    corrupted = scio_truth.corrupted_fields(batch["meta"])
+    if all(c == scio_truth.NO_TRUTH for c in corrupted):
+        return None
+    choice = out["choice"].cpu().tolist()
+    counts = scio_truth.score_flags(choice, corrupted)
+    if "repaired" in out:
+        counts.update(scio_truth.score_repairs(choice, batch["meta"], batch["captions"], out["repaired"],
+                                               screen.field_masks, text_tokenizer))
+    return counts
+
+
 class ScioStats:
-    """Counters over the logging window and over the run (the run totals go into checkpoints)."""
+    """Counters over the logging window and over the run (the run totals go into checkpoints), with the
+    ground-truth counts of scio_truth where the data knows which clauses are wrong."""
 
     def __init__(self) -> None:
         self.window = self._zeros()
@@ -68,12 +90,14 @@ class ScioStats:
 
     @staticmethod
     def _zeros() -> dict[str, float]:
-        return {"screened": 0, "changed": 0, "gain_sum": 0.0, **{f"flagged_{f}": 0 for f in FIELDS}}
+        return {"screened": 0, "changed": 0, "gain_sum": 0.0, **{f"flagged_{f}": 0 for f in FIELDS},
+                **{TRUTH + k: 0 for k in scio_truth.COUNTERS}}
 
-    def add(self, out: dict[str, torch.Tensor]) -> None:
+    def add(self, out: dict[str, torch.Tensor], truth_counts: dict[str, int] | None = None) -> None:
         choice, gain, flagged = out["choice"].cpu(), out["gain"].cpu(), out["flagged"].cpu()
         counts = {"screened": len(choice), "changed": int((choice >= 0).sum()), "gain_sum": float(gain.sum()),
-                  **{f"flagged_{f}": int(flagged[:, i].sum()) for i, f in enumerate(FIELDS)}}
+                  **{f"flagged_{f}": int(flagged[:, i].sum()) for i, f in enumerate(FIELDS)},
+                  **{TRUTH + k: v for k, v in (truth_counts or {}).items()}}
         for target in (self.window, self.totals):
             for key, value in counts.items():
                 target[key] += value
@@ -86,9 +110,13 @@ class ScioStats:
             values = all_reduce(values)
         summed = dict(zip(keys, values))
         self.window = self._zeros()
-        out = {f"scio_{k}": int(v) for k, v in summed.items() if k not in ("gain_sum",)}
+        out = {f"scio_{k}": int(v) for k, v in summed.items() if k != "gain_sum" and not k.startswith(TRUTH)}
         out["scio_mean_gain"] = round(summed["gain_sum"] / summed["changed"], 5) if summed["changed"] else 0.0
-        return out
+        return {**out, **scio_truth.rates(truth_part(summed))}
+
+    def run_rates(self) -> dict[str, float]:
+        """The ground-truth rates over the whole run so far (this rank's samples)."""
+        return scio_truth.rates(truth_part(self.totals))
 
     def state_dict(self) -> dict:
         return {"totals": dict(self.totals)}

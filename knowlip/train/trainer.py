@@ -94,7 +94,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.tokenizer = run_tokenizer(cfg.model.tokenizer, self.run_dir / TOKENIZER, lambda: shard_captions(self.index),
                                        cfg.train.tokenizer_vocab, self.rank == 0, barrier)
-        self.text = CaptionTokenizer(self.tokenizer, cfg.data.max_text_len)
+        self.text = CaptionTokenizer(self.tokenizer, cfg.data.max_text_len, cfg.model.losses.mask_geo_clause)
         self.loader = build_loader(cfg.data, self.rank, self.world_size, tokenizer=self.text,
                                    pin_memory=self.device.type == "cuda", index=self.index)
         model = build_model(cfg.model, self.tokenizer)
@@ -196,7 +196,7 @@ class Trainer:
 
     def lr_at(self, step: int) -> float:
         t = self.cfg.train
-        return lr_at(step, t.lr, schedule_steps(t.warmup_steps, t.steps), t.steps)
+        return lr_at(step, t.lr, schedule_steps(t.warmup_steps, t.steps), t.steps, t.min_lr)
 
     def alpha_at(self, step: int) -> float:
         t = self.cfg.train
@@ -222,7 +222,7 @@ class Trainer:
             out = self.engine.forward(images, ids, att, kw, alpha=self.alpha_at(self.step),
                                       scio=screen.to(self.device) if screen is not None else None)
             if "scio" in out:
-                self._scio_record(batch, variants, out.pop("scio"), phase)
+                self._scio_record(batch, screen, variants, out.pop("scio"), phase)
             injected = self.rank == self.world_size - 1 and fault_at("nan_steps", self.step + 1)
             nonfinite = not bool(torch.isfinite(out["loss"]).item()) or injected
             stop, bad = all_reduce_floats([float(self.stop.requested), float(nonfinite)], "max", self.device)
@@ -250,8 +250,8 @@ class Trainer:
         self.step += 1
         return values
 
-    def _scio_record(self, batch: dict, variants: list[list[str]], out: dict, phase: int) -> None:
-        self.scio_stats.add(out)
+    def _scio_record(self, batch: dict, screen, variants: list[list[str]], out: dict, phase: int) -> None:
+        self.scio_stats.add(out, scio_loop.score(out, batch, screen, self.text))
         every, step = self.cfg.scio.samples_every, self.step + 1
         if self.rank == 0 and every and step % every == 0:
             scio_loop.write_samples(self.run_dir / SCIO_SAMPLES_FILE, step, phase, batch["keys"], batch["captions"],
