@@ -68,12 +68,28 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32", 
     return out / WEIGHTS
 
 
+def is_export(folder: Path) -> bool:
+    """A knowlip export folder (not a checkpoint or a run)."""
+    return ((folder / WEIGHTS).is_file() and (folder / ckpt.CONFIG).is_file()
+            and not (folder / ckpt.CHECKPOINTS_DIR).is_dir())
+
+
+def origin(source: str | Path) -> dict:
+    """{"checkpoint", "step"} of what a model was loaded from: a checkpoint, a run or an export folder."""
+    source = Path(source)
+    if is_export(source):
+        meta = json.loads((source / "export.json").read_text()) if (source / "export.json").is_file() else {}
+        return {"checkpoint": meta.get("checkpoint"), "step": meta.get("step")}
+    path = ckpt.resolve_checkpoint(source)
+    return {"checkpoint": str(path), "step": ckpt.read_meta(path)["step"]}
+
+
 def load_model(source: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer, config) from an export folder, a checkpoint or a run folder."""
     from knowlip.config import load_config
 
     source = Path(source)
-    if (source / WEIGHTS).is_file() and (source / ckpt.CONFIG).is_file() and not (source / ckpt.CHECKPOINTS_DIR).is_dir():
+    if is_export(source):
         model, tokenizer = load_exported(source, device)
         return model, tokenizer, load_config(source / ckpt.CONFIG)
     path = ckpt.resolve_checkpoint(source)
@@ -87,9 +103,9 @@ def _build(folder: Path):
     from knowlip.model.build import build_model
     from knowlip.text.tokenizer import load_tokenizer
 
-    cfg = load_config(folder / ckpt.CONFIG, ["model.pretrained_text=null", "model.pretrained_vision=null"])
+    cfg = load_config(folder / ckpt.CONFIG)
     tokenizer = load_tokenizer(folder / ckpt.TOKENIZER)
-    return build_model(cfg.model, tokenizer), tokenizer
+    return build_model(cfg.model, tokenizer, load_weights=False), tokenizer  # the weights come from `folder`
 
 
 def load_exported(folder: str | Path, device: str | torch.device = "cpu"):
@@ -101,3 +117,52 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu"):
     state = load_file(str(folder / WEIGHTS))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.to(device).eval(), tokenizer
+
+
+# -- transformers' BLIP ------------------------------------------------------------------------------------------
+
+HF_DECODER = "decoder"  # the BlipForConditionalGeneration folder inside an hf export
+
+
+def export_hf(source: str | Path, out: str | Path) -> Path:
+    """A checkpoint, run or knowlip export -> out/ that transformers loads without knowlip:
+    `BlipForImageTextRetrieval.from_pretrained(out)` (ITC, ITM) and `BlipForConditionalGeneration.from_pretrained(
+    out / "decoder")`, each with its tokenizer; config.json's "knowlip" says how to build the input."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    from knowlip.model import hf_blip
+
+    model, tokenizer, cfg = load_model(source)
+    state, dims = model.state_dict(), model.dims
+    missed = hf_blip.unmapped(state, dims)
+    if missed:  # a weight the table does not know: a model change the export must learn first
+        raise hf_blip.NotExportable(f"weights with no transformers name: {', '.join(missed[:5])}")
+    config = BlipConfig(**hf_blip.blip_config(dims, len(tokenizer), model.special, _input_recipe(model, cfg, source)))
+    out = Path(out)
+    for role, cls, folder in (("retrieval", BlipForImageTextRetrieval, out),
+                              ("decoder", BlipForConditionalGeneration, out / HF_DECODER)):
+        hf_model = cls(config).eval()
+        hf_model.load_state_dict(hf_blip.hf_state_dict(state, dims, model.vision.in_channels, role), strict=True)
+        hf_model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return out
+
+
+def _input_recipe(model, cfg, source) -> dict:
+    """What a consumer needs to reproduce knowlip's input (written into config.json under "knowlip")."""
+    from omegaconf import OmegaConf
+
+    return {
+        "pixel_values": f"the {model.vision.in_channels} SAR channel(s) normalised as `sar_normalisation` says "
+                        f"(knowlip.ops.sar_norm), in this order, then zeros up to 3 channels; "
+                        f"{model.dims.vision.image_size} px square (other multiples of the patch: "
+                        "interpolate_pos_encoding=True)",
+        "in_channels": model.vision.in_channels,
+        "sar_normalisation": OmegaConf.to_container(cfg.norm),
+        "itm_input_ids": "replace input_ids[:, 0] by enc_token_id, as knowlip and BLIP do for ITM",
+        "decoder_input_ids": "replace input_ids[:, 0] by dec_token_id (the decoder's bos_token_id)",
+        "enc_token_id": model.special.enc, "dec_token_id": model.special.dec, "mask_token_id": model.special.mask,
+        "itc_temperature": float(model.temp.detach()[0]),
+        "max_text_len": cfg.data.max_text_len,
+        **origin(source),
+    }
