@@ -299,10 +299,20 @@ def cmd_mlflow_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from knowlip.train.export import export_checkpoint
+    from knowlip.train.export import HF_DECODER, export_checkpoint, export_hf
 
-    path = export_checkpoint(args.source, args.out, args.dtype)
-    print(f"exported {path} ({args.dtype}), config.yaml and tokenizer/ to {args.out}")
+    if args.format == "hf":
+        export_hf(args.source, args.out)
+        print(f"exported {args.out} (transformers BlipForImageTextRetrieval) and {args.out}/{HF_DECODER} "
+              "(BlipForConditionalGeneration); config.json \"knowlip\" says how to build the input")
+    else:
+        path = export_checkpoint(args.source, args.out, args.dtype)
+        print(f"exported {path} ({args.dtype}), config.yaml and tokenizer/ to {args.out}")
+    if args.register:
+        from knowlip.track.registry import register
+
+        version = register(args.source, args.register, args.tracking_uri)
+        print(f"registered {version['model_uri']} from run {version['run_id']} (step {version['tags'].get('knowlip.step')})")
     return 0
 
 
@@ -380,7 +390,8 @@ EXAMPLES = {  # shown at the end of each subcommand's --help
     "cancel": "knowlip cancel 42",
     "mlflow sync": "knowlip mlflow sync runs/quickstart --tracking-uri http://mlflow.example.org:5000",
     "mlflow ui": "knowlip mlflow ui runs/quickstart --port 5001",
-    "export": "knowlip export runs/quickstart --out exported/ --dtype bf16",
+    "export": "knowlip export runs/quickstart --out exported/ --dtype bf16\n"
+              "  knowlip export runs/quickstart --out exported-hf/ --format hf --register sar-knowlip",
     "eval": "knowlip eval exported/ --shards /data/heldout --fields water terrain",
     "ckpt ls": "knowlip ckpt ls runs/quickstart",
     "ckpt universal": "knowlip ckpt universal runs/quickstart/checkpoints/step_00000040",
@@ -511,10 +522,18 @@ def _commands() -> argparse.ArgumentParser:
                     help="a run folder, or config overrides naming the store")
     ui.set_defaults(func=cmd_mlflow_ui)
 
-    p = sub.add_parser("export", help="a checkpoint (or run folder) -> safetensors + config + tokenizer")
-    p.add_argument("source", help="a checkpoint folder, or a run folder (its newest complete checkpoint)")
+    p = sub.add_parser("export", help="a checkpoint (or run folder) -> knowlip's or transformers' model folder, "
+                       "optionally registered in MLflow")
+    p.add_argument("source", help="a checkpoint folder, a run folder (its newest complete checkpoint) or an export")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--dtype", default=EXPORT_DTYPES[0], choices=EXPORT_DTYPES, help="weights' dtype in the export")
+    p.add_argument("--format", default="knowlip", choices=("knowlip", "hf"),
+                   help="knowlip: safetensors + config.yaml + tokenizer/ (knowlip.train.export.load_exported); hf: "
+                   "transformers' BlipForImageTextRetrieval, and BlipForConditionalGeneration in decoder/")
+    p.add_argument("--dtype", default=EXPORT_DTYPES[0], choices=EXPORT_DTYPES,
+                   help="weights' dtype in a knowlip export (hf: float32)")
+    p.add_argument("--register", metavar="NAME", help="also register the model under NAME in MLflow's Model Registry, "
+                   "as a model of the run that trained it, with its lineage as version tags")
+    p.add_argument("--tracking-uri", help="the MLflow store to register in (default: the run's, as it trained)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="zero-shot retrieval and clause classification on held-out shards")

@@ -124,15 +124,16 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu"):
 HF_DECODER = "decoder"  # the BlipForConditionalGeneration folder inside an hf export
 
 
-def export_hf(source: str | Path, out: str | Path) -> Path:
+def export_hf(source: str | Path, out: str | Path, loaded: tuple | None = None) -> Path:
     """A checkpoint, run or knowlip export -> out/ that transformers loads without knowlip:
     `BlipForImageTextRetrieval.from_pretrained(out)` (ITC, ITM) and `BlipForConditionalGeneration.from_pretrained(
-    out / "decoder")`, each with its tokenizer; config.json's "knowlip" says how to build the input."""
+    out / "decoder")`, each with its tokenizer; config.json's "knowlip" says how to build the input. `loaded`:
+    load_model(source) when the caller has it already."""
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
     from knowlip.model import hf_blip
 
-    model, tokenizer, cfg = load_model(source)
+    model, tokenizer, cfg = loaded or load_model(source)
     state, dims = model.state_dict(), model.dims
     missed = hf_blip.unmapped(state, dims)
     if missed:  # a weight the table does not know: a model change the export must learn first
