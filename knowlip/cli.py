@@ -309,7 +309,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         path = export_checkpoint(args.source, args.out, args.dtype)
         print(f"exported {path} ({args.dtype}), config.yaml and tokenizer/ to {args.out}")
     if args.register:
-        from knowlip.track.registry import register
+        from knowlip.train.registry import register
 
         version = register(args.source, args.register, args.tracking_uri)
         print(f"registered {version['model_uri']} from run {version['run_id']} (step {version['tags'].get('knowlip.step')})")

@@ -284,6 +284,9 @@ class MlflowConfig:
     system_interval_s: float = 10.0
     queue_size: int = 10000  # metric rows held while the server is away; older ones are dropped (and counted)
     retry_s: float = 5.0  # wait between attempts while the server is away
+    # At the end of a run (train.steps reached), register the model under this name in the Model Registry, as
+    # `knowlip export RUN --format hf --register NAME` does; None: not registered.
+    register_as: Optional[str] = None
 
 
 @dataclass

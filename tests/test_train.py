@@ -30,38 +30,63 @@ def test_tiny_model_loss_falls_over_a_few_dozen_cpu_steps(tiny_in_process_base, 
 
 
 @pytest.mark.integration
-def test_quickstart_script_runs_end_to_end(tmp_path):
+def test_quickstart_script_runs_end_to_end_and_its_model_is_used_as_the_readme_says(tmp_path):
+    """The quickstart (paths as the default config's, under tmp_path), then README "Using the trained model" run
+    as written from tmp_path: the export command, and the Python snippet whose three similarity matrices
+    (knowlip, transformers, the MLflow registry) must agree."""
     venv_knowlip = REPO / ".venv/bin/knowlip"
     if not venv_knowlip.exists():
         pytest.skip("the quickstart runs from .venv (make quickstart creates it)")
+    run = tmp_path / "runs" / "quickstart"
     config = tmp_path / "quick.yaml"
     config.write_text(f"""
-run_dir: {tmp_path}/run
-synth: {{out_dir: {tmp_path}/scenes, num_scenes: 3, size: 128}}
-pack: {{inputs: [{tmp_path}/scenes], out_dir: {tmp_path}/shards}}
-data: {{shards: {tmp_path}/shards, batch_size: 4}}
+run_dir: {run}
+synth: {{out_dir: {run}/scenes, num_scenes: 3, size: 128}}
+pack: {{inputs: [{run}/scenes], out_dir: {run}/shards}}
+data: {{shards: {run}/shards, batch_size: 4}}
 train: {{steps: 4, log_every: 2, tokenizer_vocab: 300}}
 """)
     proc = subprocess.run(["bash", str(REPO / "launch/quickstart.sh")], env={**os.environ, "CONFIG": str(config)},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "samples in 1 shards" in proc.stdout and "trained 4 steps" in proc.stdout
-    assert (tmp_path / "run/model.safetensors").is_file()
-    assert (tmp_path / "run/checkpoints/step_00000004/meta.json").is_file()
-    last = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
+    assert (run / "model.safetensors").is_file()
+    assert (run / "checkpoints/step_00000004/meta.json").is_file()
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     # SCIO ran: step 3 in phase 2, step 4 in phase 3; the row sums the window of steps 3-4 over 2 ranks x 4 captions
     assert last["scio_phase"] == 3 and last["scio_screened"] == 16
     # tracked with nothing configured: the local MLflow store beside the run folder, and the command to browse it
-    assert f"to browse it: knowlip mlflow ui {tmp_path}/run" in proc.stdout
+    assert f"to browse it: knowlip mlflow ui {run}" in proc.stdout
     from mlflow.tracking import MlflowClient
 
-    run_id = json.loads((tmp_path / "run/mlflow.json").read_text())["run_id"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = json.loads((run / "mlflow.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/runs/mlflow.db")
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [2, 4]
     again = subprocess.run(["bash", str(REPO / "launch/quickstart.sh")], env={**os.environ, "CONFIG": str(config)},
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "already finished: 4 of 4 steps" in again.stdout and "not packing again" in again.stdout
+
+    section = (REPO / "README.md").read_text().split("### Using the trained model")[1].split("\n### ")[0]
+    command = section.split("```bash\n")[1].split("```")[0].strip()
+    snippet = section.split("```python\n")[1].split("```")[0]
+    exported = subprocess.run(command.replace(".venv/bin/knowlip", str(venv_knowlip)), shell=True, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stdout[-2000:] + exported.stderr[-2000:]
+    checks = ("\nimport numpy\nassert numpy.allclose(knowlip_sim.numpy(), blip_sim.numpy(), atol=1e-5)\n"
+              "assert numpy.allclose(knowlip_sim.numpy(), registry_sim, atol=1e-5)\n")
+    used = subprocess.run([str(REPO / ".venv/bin/python"), "-c", snippet + checks], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert used.returncode == 0, used.stdout[-2000:] + used.stderr[-3000:]
+    version = client.get_model_version("sar-knowlip", "1")
+    assert version.run_id == run_id and client.get_run(run_id).info.status == "FINISHED"  # its run, left finished
+    tags = version.tags
+    assert tags["knowlip.run_id"] == run_id and tags["knowlip.step"] == "4" and tags["knowlip.git_commit"] != "-"
+    from knowlip.data.shards import load_index
+
+    index = load_index(run / "shards")
+    assert tags["knowlip.dataset_samples"] == str(index.total_samples)
+    assert tags["knowlip.dataset_fingerprint"] == index.fingerprint() and len(tags["knowlip.config_hash"]) == 16
 
 
 def test_resume_mid_epoch_is_bit_exact(tiny_in_process_base, tmp_path):

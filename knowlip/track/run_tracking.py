@@ -83,6 +83,10 @@ class RunTracking:
     def run_id(self) -> str | None:
         return self.tracker.run_id if self.tracker is not None else None
 
+    @property
+    def uri(self) -> str | None:
+        return self.tracker.uri if self.tracker is not None else None
+
     def log_metrics(self, step: int, row: dict) -> None:
         if self.tracker is not None:
             self.tracker.log_metrics(step, row)

@@ -32,6 +32,7 @@ from knowlip.model.flops import peak_flops, training_flops_per_sample
 from knowlip.ops.sar_norm import normalise_batch
 from knowlip.text.tokenizer import CaptionTokenizer, run_tokenizer
 from knowlip.track.report import RESUMED
+from knowlip.train.registry import register_finished_model
 from knowlip.track.run_tracking import RunTracking, end_status, run_facts
 from knowlip.train import scio_loop
 from knowlip.train.checkpoint import (CONFIG, STATE, TOKENIZER, CheckpointManager, ModelBuffers, plan_resume,
@@ -284,6 +285,8 @@ class Trainer:
         if self.step >= cfg.train.steps and self.rank == 0:
             # the checkpoint this job just saved is not hashed a second time
             export_checkpoint(saved or resolve_checkpoint(self.run_dir), self.run_dir, verify=saved is None)
+            if cfg.mlflow.enabled and cfg.mlflow.register_as:
+                register_finished_model(self.run_dir, cfg.mlflow.register_as, self.tracking.uri)
         barrier()
         return {"steps": self.step, "history": history, "stopped": stopped, "checkpoint": saved,
                 "flops_per_sample": meter.flops_per_sample, "metrics": str(self.metrics_path)}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-PYFUNC_CODE = Path(__file__).with_name("blip_pyfunc.py")
+PYFUNC_CODE = Path(__file__).parents[1] / "track" / "blip_pyfunc.py"
 MODEL_NAME_IN_RUN = "model"
 
 
@@ -79,6 +79,16 @@ def register(source: str | Path, name: str, tracking_uri: str | None = None) -> 
     log.info("registered %s version %s from run %s (step %s)", name, version, run_id, facts.get("step"))
     return {"name": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}",
             "tags": tags}
+
+
+def register_finished_model(run_dir: Path, name: str, uri: str | None) -> None:
+    """mlflow.register_as at the end of a run: a failure is logged with the command that retries it, and does not
+    fail the finished run."""
+    try:
+        register(run_dir, name, uri)
+    except Exception as exc:  # noqa: BLE001 - the training itself succeeded; say what failed and how to redo it
+        log.error("registering the model as %r failed (%s: %s); the run is saved: retry with `knowlip export %s "
+                  "--out <dir> --format hf --register %s`", name, type(exc).__name__, exc, run_dir, name)
 
 
 def _signature(folder: Path):
