@@ -65,7 +65,7 @@ def test_default_store_one_run_across_stop_and_resume(tiny_train_base, synth_sha
     stopped = client.get_run(run_id)  # a planned stop: finished as planned, and the tag says it is resumable
     assert stopped.info.status == "FINISHED" and "planned stop (train.stop_at) at step 4" in stopped.data.tags["knowlip.stop"]
     second = train(run, tiny_train_base, "train.lr=0.0002",  # resumes, with a changed config
-                   *secret_overrides(SECRETS["rotated"]), env=SECRET_ENV)
+                   "mlflow.register_as=sar-knowlip", *secret_overrides(SECRETS["rotated"]), env=SECRET_ENV)
     assert f"MLflow run {run_id}" in second.stdout and f"knowlip mlflow ui {run}" in second.stdout
     assert client_for(run)[1] == run_id  # the same run, reopened
     r = client.get_run(run_id)
@@ -81,6 +81,7 @@ def test_default_store_one_run_across_stop_and_resume(tiny_train_base, synth_sha
     assert "storage" not in r.data.tags["knowlip.resume.1.config_changes"]  # a rotated key is no config change
     assert r.data.params["storage.options.key"] == "***"
     assert r.data.tags["knowlip.world_size"] == "2" and r.data.tags["knowlip.git_commit"] != ""
+    assert_registered(client, "sar-knowlip", run, run_id, 8, synth_shards)  # mlflow.register_as, at the end
     assert steps_of(client, run_id, "event_checkpoint") == [4, 8]
     system = [k for k in r.data.metrics if k.startswith("system/")]
     assert any(k.endswith("cpu_utilization_percentage") and socket.gethostname() in k for k in system), system
@@ -96,6 +97,38 @@ def test_default_store_one_run_across_stop_and_resume(tiny_train_base, synth_sha
     assert "key: '***'" in shown.stdout and "session_token: '***'" in shown.stdout  # resolved, then masked
     assert "${oc.env:KNOWLIP_TEST_TOKEN}" in (run / "config.yaml").read_text()  # saved as written, resolved on load
     assert_no_secret_in(tmp_path, SECRETS.values(), *(p.stdout + p.stderr for p in (first, second, shown, exported, evaluated)))
+
+
+def assert_registered(client, name: str, run: Path, run_id: str, step: int, shards) -> None:
+    """Version 1 of `name` is a model of the training run, tagged with its lineage, and mlflow.pyfunc loads it
+    (through the store: the server's artifact proxy, or the sqlite store's folder) to embeddings equal to
+    knowlip's own model's."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from knowlip.data.loader import StreamingLoader
+    from knowlip.ops.sar_norm import normalise_batch
+    from knowlip.train.export import load_model
+
+    version = client.get_model_version(name, "1")
+    assert version.run_id == run_id and client.get_run(run_id).info.status == "FINISHED"
+    tags = version.tags
+    assert tags["knowlip.run_id"] == run_id and tags["knowlip.step"] == str(step)
+    assert tags["knowlip.git_commit"] == client.get_run(run_id).data.tags["knowlip.git_commit"] != "-"
+    assert tags["knowlip.config_hash"] and tags["knowlip.dataset_fingerprint"] and tags["knowlip.dataset_samples"]
+    model, tokenizer, cfg = load_model(run)
+    batch = next(iter(StreamingLoader(shards, batch_size=4)))
+    chips = normalise_batch(batch, cfg.norm, torch.device("cpu"), torch.float32)
+    text = tokenizer(batch["captions"], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
+    out = mlflow.pyfunc.load_model(f"models:/{name}/1").predict(
+        {"pixel_values": chips.numpy(), "input_ids": text.input_ids.numpy(),
+         "attention_mask": text.attention_mask.numpy()})
+    with torch.no_grad():
+        image, text_feat = model.encode_image(chips)[1], model.encode_text(text.input_ids, text.attention_mask)
+    np.testing.assert_allclose(out["image_embeds"], image.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["text_embeds"], text_feat.numpy(), atol=1e-5)
 
 
 class MlflowServer:
@@ -173,7 +206,14 @@ def test_server_killed_mid_run_training_finishes_and_sync_completes_the_history(
     assert steps_of(client, run_id) == list(range(1, steps + 1))  # nothing lost
     history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     assert history == pytest.approx(losses(run), rel=1e-6)
-    assert_no_secret_in(tmp_path, SECRETS.values(), out, err, sync.stdout, sync.stderr)
+    registered = subprocess.run(CLI + ["export", str(run), "--out", str(tmp_path / "hf"), "--format", "hf",
+                                       "--register", "sar-knowlip", "--tracking-uri", server.uri],
+                                capture_output=True, text=True, timeout=300)
+    assert registered.returncode == 0, registered.stdout[-2000:] + registered.stderr[-2000:]
+    assert f"registered models:/sar-knowlip/1 from run {run_id} (step {steps})" in registered.stdout
+    assert_registered(client, "sar-knowlip", run, run_id, steps, tiny_train_base[0].split("=", 1)[1])
+    assert_no_secret_in(tmp_path, SECRETS.values(), out, err, sync.stdout, sync.stderr, registered.stdout,
+                        registered.stderr)
 
 
 def test_run_page_in_headless_chromium_shows_the_loss_chart(server, tiny_train_base, tmp_path):
