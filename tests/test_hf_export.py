@@ -101,10 +101,22 @@ def random_export(tmp: Path, size: str, tokenizer_folder: Path, image_size: int)
 
 
 def test_tiny_as_trained_exports_to_transformers_and_computes_the_same(local_run, synth_shards, tmp_path):
+    from transformers import BlipProcessor
+
+    from knowlip.train.export import load_model
+
     assert compare(local_run, tmp_path / "hf", synth_shards) == {}
     recipe = json.loads((tmp_path / "hf" / "config.json").read_text())["knowlip"]
     assert recipe["step"] == 16 and recipe["in_channels"] == 1 and recipe["sar_normalisation"]["mode"] == "scale"
-    assert (tmp_path / "hf" / "decoder" / "tokenizer.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
+    _, tokenizer, cfg = load_model(local_run)
+    images, ids, att, _ = inputs(synth_shards, tokenizer, cfg.norm, 32)
+    pixels = torch.cat([images, torch.zeros(len(images), 2, 32, 32)], dim=1)
+    captions = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    for folder in (tmp_path / "hf", tmp_path / "hf" / "decoder"):  # BlipProcessor-style: text as knowlip's
+        processed = BlipProcessor.from_pretrained(folder)(images=list(pixels.numpy()), text=captions,
+                                                          padding="max_length", max_length=64, return_tensors="pt")
+        assert torch.equal(processed["pixel_values"], pixels)  # passed through: the SAR recipe made them
+        assert torch.equal(processed["input_ids"], ids) and torch.equal(processed["attention_mask"], att)
 
 
 def test_base_shape_with_random_weights_computes_the_same(session_tokenizer, synth_shards, tmp_path):

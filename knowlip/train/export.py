@@ -127,9 +127,10 @@ HF_DECODER = "decoder"  # the BlipForConditionalGeneration folder inside an hf e
 def export_hf(source: str | Path, out: str | Path, loaded: tuple | None = None) -> Path:
     """A checkpoint, run or knowlip export -> out/ that transformers loads without knowlip:
     `BlipForImageTextRetrieval.from_pretrained(out)` (ITC, ITM) and `BlipForConditionalGeneration.from_pretrained(
-    out / "decoder")`, each with its tokenizer; config.json's "knowlip" says how to build the input. `loaded`:
+    out / "decoder")`, each with its BlipProcessor; config.json's "knowlip" says how to build the input. `loaded`:
     load_model(source) when the caller has it already."""
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
+    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
+                              BlipImageProcessor, BlipProcessor)
 
     from knowlip.model import hf_blip
 
@@ -145,7 +146,10 @@ def export_hf(source: str | Path, out: str | Path, loaded: tuple | None = None) 
         hf_model = cls(config).eval()
         hf_model.load_state_dict(hf_blip.hf_state_dict(state, dims, model.vision.in_channels, role), strict=True)
         hf_model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        # BlipProcessor.from_pretrained(folder): the tokenizer, and images passed through as given (the SAR
+        # normalisation is not an RGB pipeline: the config's "knowlip" entry says how to build them)
+        passthrough = BlipImageProcessor(do_resize=False, do_rescale=False, do_normalize=False, do_convert_rgb=False)
+        BlipProcessor(image_processor=passthrough, tokenizer=tokenizer).save_pretrained(folder)
     return out
 
 
