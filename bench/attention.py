@@ -15,7 +15,6 @@ shape (flash with a padding mask, say) is reported as unsupported, not as a fail
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -15,9 +15,7 @@ Prints one JSON line per check/timing and a summary. `--device cpu` runs the sam
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

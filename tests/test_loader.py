@@ -198,7 +198,6 @@ def test_lazy_step_slices_equal_the_steps_built_one_by_one():
 def test_tokenised_batches_mark_keywords(synth_shards, tmp_path):
     from knowlip.text.tokenizer import CaptionTokenizer, load_tokenizer, train_wordpiece
 
-    index = load_index(synth_shards)
     (plain,) = make(synth_shards, 1, 0, 8)
     captions = [c for b in plain for c in b["captions"]]
     tok = CaptionTokenizer(load_tokenizer(train_wordpiece(captions, tmp_path / "tok", vocab_size=500)), 96)
