@@ -93,15 +93,10 @@ def step_time(stage: int, w: Workload, m: Machine, n: int, overlap: bool, hooks_
 
 
 def state_gib(stage: int, w: Workload, n: int) -> float:
-    """Model states per GPU: bf16 weights (2P + 2Q), bf16 gradients (2P), fp32 master + Adam (12P)."""
-    p, q = w.trainable, w.frozen
-    if stage == 1:
-        total = 2 * p + 2 * q + 2 * p + 12 * p / n
-    elif stage == 2:
-        total = 2 * p + 2 * q + 2 * p / n + 12 * p / n
-    else:
-        total = (2 * p + 2 * q + 2 * p + 12 * p) / n
-    return total / GIB
+    """Model states per GPU: the package's memory model (knowlip.train.memory_model, what zero_stage=auto uses)."""
+    from knowlip.train.memory_model import state_bytes
+
+    return state_bytes(stage, w.trainable, w.frozen, n) / GIB
 
 
 def workload(preset_name: str, compute_s: float, zero3_host_s: float, zero3_collectives: int) -> Workload:

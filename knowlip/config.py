@@ -215,7 +215,9 @@ class TrainConfig:
     engine: str = "deepspeed"  # deepspeed (DeepSpeed ZeRO, any number of ranks) | plain (torch AdamW, one process)
     # The deepspeed engine's ZeRO stage: 3 partitions the weights too (the largest models fit; a gather around
     # every module call); 1 and 2 keep the weights whole on every rank (faster where they fit, BENCHMARKS.md).
-    zero_stage: int = 3
+    # auto: the lowest stage whose model states + estimated activations fit the GPU (knowlip.train.memory_model);
+    # ZeRO-3 on a CPU; a resumed run keeps its saved stage. The choice and its reason are logged and recorded.
+    zero_stage: Any = "auto"
     # Samples per optimiser step over all ranks; None = data.batch_size x world size (no accumulation).
     # Must be a multiple of data.batch_size x world size: the quotient is the gradient-accumulation count.
     global_batch_size: Optional[int] = None
@@ -388,6 +390,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
+def replaced(cfg: DictConfig, key: str, value) -> DictConfig:
+    """A read-only copy of `cfg` with `key` (dotted) set to `value`: a value resolved while a job starts."""
+    out = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(out, False)
+    OmegaConf.update(out, key, value)
+    OmegaConf.set_readonly(out, True)
+    return out
+
+
 def public_tree(cfg: DictConfig, resolve: bool = True) -> dict:
     """The config as a plain dict with every secret masked (knowlip.redact): what may be printed, logged, sent
     to MLflow or written."""
@@ -500,7 +511,7 @@ RANGES: dict[str, tuple] = {
     "train.log_every": AT_LEAST_1,
     "train.grad_clip": OFF_OR_POSITIVE,
     "train.max_nonfinite_in_a_row": AT_LEAST_1,
-    "train.zero_stage": (lambda v: v in (1, 2, 3), "1, 2 or 3"),
+    "train.zero_stage": (lambda v: v in ("auto", 1, 2, 3), "auto, 1, 2 or 3"),
     "dist.nproc_per_node": (lambda v: v == "auto" or (v.isdigit() and int(v) >= 1), "'auto' or a positive integer"),
     "dist.timeout_s": (lambda v: v >= 10, "at least 10"),
     "ckpt.every": OFF_OR_POSITIVE,

@@ -75,13 +75,13 @@ def test_plain_engine_does_not_apply_nonfinite_gradients(tmp_path):
 
 
 def test_deepspeed_config_sets_clipping_explicitly_and_derives_batch_sizes(tmp_path):
-    cfg = make_config(tmp_path, "data.batch_size=4", "train.global_batch_size=32",
+    cfg = make_config(tmp_path, "data.batch_size=4", "train.global_batch_size=32", "train.zero_stage=3",
                       "deepspeed.zero_optimization.reduce_bucket_size=1000")
     ds = deepspeed_config(cfg, world_size=2, accumulation=accumulation_steps(cfg, 2), bf16=False, universal=False)
     assert ds["gradient_clipping"] == 0.0  # present and off: DeepSpeed's own default would be 1.0
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 4, 32)
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True, "reduce_bucket_size": 1000}
-    clipped = make_config(tmp_path, "train.grad_clip=0.7")
+    clipped = make_config(tmp_path, "train.grad_clip=0.7", "train.zero_stage=3")
     assert deepspeed_config(clipped, 1, 1, False, False)["gradient_clipping"] == 0.7
     stage2 = make_config(tmp_path, "train.zero_stage=2", "deepspeed.zero_optimization.stage=2")
     assert deepspeed_config(stage2, 1, 1, False, False)["zero_optimization"] == {"stage": 2, "overlap_comm": True}
@@ -92,14 +92,14 @@ def test_deepspeed_config_sets_clipping_explicitly_and_derives_batch_sizes(tmp_p
 @pytest.mark.parametrize("override,match", [("deepspeed.gradient_clipping=1.0", "set by knowlip"),
                                             ("deepspeed.train_batch_size=64", "set by knowlip"),
                                             ("deepspeed.zero_optimization.stage=2",
-                                             "stage=2 contradicts train.zero_stage=3")])
+                                             "stage=2 contradicts train.zero_stage=auto")])
 def test_deepspeed_section_cannot_contradict_knowlip(tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         deepspeed_config(make_config(tmp_path, override), 1, 1, False, False)
 
 
-def test_zero_stage_is_1_2_or_3(tmp_path):
-    with pytest.raises(ConfigError, match="'train.zero_stage': 4 must be 1, 2 or 3"):
+def test_zero_stage_is_auto_1_2_or_3(tmp_path):
+    with pytest.raises(ConfigError, match="'train.zero_stage': 4 must be auto, 1, 2 or 3"):
         make_config(tmp_path, "train.zero_stage=4")
 
 
@@ -385,3 +385,77 @@ def test_resume_none_is_refused_on_a_history_and_restart_sets_it_aside(tmp_path)
     assert note["reason"] == "resume=restart" and (folder / "metrics.jsonl").read_text() == '{"step": 5}\n'
     assert [c.path.name for c in kept] == ["step_00000005"]
     assert ckpt._pick_resume(none, 2, [metrics]).path is None  # the folder is fresh again
+
+
+# -- train.zero_stage=auto -----------------------------------------------------------------------------------
+
+
+def test_auto_takes_the_lowest_stage_that_fits_by_hand_computed_states():
+    """P = 1e9 trainable, Q = 0, 8 ranks: states 5.5e9 B (ZeRO-1: 2P + 2P + 12P/8), 3.75e9 (ZeRO-2: 2P + 14P/8),
+    2e9 (ZeRO-3: 16P/8). Usable: 90% of the device less 1 GiB."""
+    from knowlip.train.memory_model import GIB, choose_zero_stage
+
+    p = 10**9
+    usable = lambda device_gib: 0.9 * device_gib * GIB - GIB
+    cases = [  # (device GiB, activations B) -> stage, by the numbers above
+        (80, 10 * GIB, 1),  # 5.5e9 + 10 GiB < 71 GiB
+        (10, 3 * GIB, 2),  # ZeRO-1: 5.5e9 + 3 GiB = 8.12 GiB > 8 GiB usable; ZeRO-2: 6.49 GiB fits
+        (10, 5.5 * GIB, 3),  # ZeRO-2: 8.99 GiB > 8; ZeRO-3: 7.36 GiB fits
+        (10, 7 * GIB, 3),  # nothing fits: ZeRO-3, fits=False
+    ]
+    for device_gib, activations, expected in cases:
+        choice = choose_zero_stage(p, 0, activations, device_gib * GIB, 8)
+        assert choice.stage == expected, (device_gib, activations, choice)
+        needs = {1: 5.5e9, 2: 3.75e9, 3: 2e9}[expected] + activations
+        assert choice.fits == (needs <= usable(device_gib)), choice
+    assert "lower data.batch_size" in choose_zero_stage(p, 0, 7 * GIB, 10 * GIB, 8).reason
+
+
+def test_auto_on_the_model_sizes_and_gpus_of_a_table(tmp_path, monkeypatch):
+    """zero_stage_for on real model sizes with a GPU's memory (mocked: no GPU here; only total_memory is read).
+    The activation estimate is calibrated on base at 224 px, 128 tokens, batch 128 = 61.5 GiB."""
+    from knowlip.model.dims import preset
+    from knowlip.model.sar_knowlip import SarKnowLIP, SpecialTokens
+    from knowlip.train import memory_model as mm
+
+    assert mm.activation_bytes(preset("base"), 224, 128, 128) == pytest.approx(61.5 * mm.GIB)
+    with torch.device("meta"):
+        base = SarKnowLIP(preset("base"), 30524, SpecialTokens(0, 2, 3, 4, 5, 6))
+    gpu = {"gib": 80}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: type("Props", (), {"total_memory": gpu["gib"] * mm.GIB})())
+    cuda = torch.device("cuda", 0)
+    p = sum(t.numel() for t in base.parameters() if t.requires_grad)
+    q = sum(t.numel() for t in base.parameters() if not t.requires_grad)
+
+    def by_hand(gib: float, batch: int, n: int) -> tuple[int, bool]:
+        usable, activations = 0.9 * gib * 2**30 - 2**30, batch * 61.5 * 2**30 / 128
+        states = {1: 4 * p + 2 * q + 12 * p / n, 2: 2 * p + 2 * q + 14 * p / n, 3: (16 * p + 2 * q) / n}
+        fitting = [stage for stage in (1, 2, 3) if states[stage] + activations <= usable]
+        return (fitting[0], True) if fitting else (3, False)
+
+    table = [(80, 128, 8), (16, 24, 8), (16, 25, 8), (16, 26, 8), (16, 27, 8), (24, 40, 1)]
+    seen = set()
+    for gib, batch, ranks in table:
+        gpu["gib"] = gib
+        cfg = make_config(tmp_path, "model.size=base", "model.image_size=224", "data.max_text_len=128",
+                          f"data.batch_size={batch}", "train.precision=bf16")
+        choice = mm.zero_stage_for(cfg, base, cuda, ranks)
+        assert (choice.stage, choice.fits) == by_hand(gib, batch, ranks), (gib, batch, ranks, choice.reason)
+        seen.add((choice.stage, choice.fits))
+    assert seen == {(1, True), (2, True), (3, True), (3, False)}  # the table reaches every outcome
+    assert mm.zero_stage_for(make_config(tmp_path), base, torch.device("cpu"), 2).stage == 3  # CPU: the design's
+    assert mm.zero_stage_for(make_config(tmp_path, "train.zero_stage=2"), base, cuda, 8).reason == \
+        "set by train.zero_stage"
+
+
+def test_auto_keeps_the_stage_a_resumed_run_was_saved_at(tmp_path):
+    from knowlip.train import checkpoint as ckpt
+    from knowlip.train.memory_model import zero_stage_for
+
+    cfg = make_config(tmp_path)
+    partial = ckpt.begin_save(ckpt.checkpoint_root(cfg), 4)
+    ckpt.commit_save(partial, {"step": 4, "world_size": 2, "engine": "deepspeed", "zero_stage": 2}, keep=3)
+    choice = zero_stage_for(cfg, None, torch.device("cpu"), 2)
+    assert (choice.stage, choice.reason) == (2, "the stage step_00000004 was saved at (a run keeps its stage)")
+    assert zero_stage_for(make_config(tmp_path, "resume=restart"), None, torch.device("cpu"), 2).stage == 3

@@ -572,7 +572,7 @@ def _prepare_resume(cfg, path: Path, world_size: int) -> bool:
     if meta["engine"] != cfg.train.engine:
         raise ValueError(f"{path}: written by the {meta['engine']} engine, but train.engine={cfg.train.engine}")
     stage = zero_stage_of(meta)
-    if stage is not None and stage != cfg.train.zero_stage:
+    if stage is not None and cfg.train.zero_stage not in ("auto", stage):  # auto takes the saved stage
         raise ValueError(f"{path}: saved at ZeRO stage {stage}, but train.zero_stage={cfg.train.zero_stage}; "
                          f"DeepSpeed cannot load one stage's files at another (not even in the universal "
                          f"form): resume with train.zero_stage={stage}")
@@ -591,9 +591,11 @@ class CheckpointManager:
     holds (the engine's files, the momentum weights, every rank's RNG, the registered components, tokenizer and
     config) and where each file goes. Every rank calls save and load (they contain collectives)."""
 
-    def __init__(self, cfg, engine, tokenizer, rank: int, world_size: int, global_batch: int):
+    def __init__(self, cfg, engine, tokenizer, rank: int, world_size: int, global_batch: int,
+                 notes: dict | None = None):
         self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
         self.rank, self.world_size, self.global_batch = rank, world_size, global_batch
+        self.notes = notes or {}  # facts of the job written into every meta.json (e.g. why this ZeRO stage)
         self.root = checkpoint_root(cfg)
         self.rng = RankRng(cfg.seed, rank)
         self.components: dict[str, Stateful] = {}
@@ -635,7 +637,7 @@ class CheckpointManager:
             cfg = self.cfg
             meta = {"step": step, "world_size": self.world_size, "engine": cfg.train.engine,
                     "zero_stage": cfg.train.zero_stage if cfg.train.engine == "deepspeed" else None,
-                    "config_hash": config_hash(cfg), "global_batch": self.global_batch}
+                    "config_hash": config_hash(cfg), "global_batch": self.global_batch, **self.notes}
             final = commit_save(partial, meta, cfg.ckpt.keep)
             log.info("saved checkpoint %s", final)
         barrier()

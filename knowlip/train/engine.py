@@ -71,6 +71,9 @@ def deepspeed_config(cfg, world_size: int, accumulation: int, bf16: bool, univer
     user = OmegaConf.to_container(cfg.deepspeed, resolve=True) if len(cfg.deepspeed) else {}
     stage = cfg.train.zero_stage
     check_deepspeed_section(user, stage)
+    if stage == "auto":
+        raise ValueError("train.zero_stage=auto reaches the engine unresolved: resolve it first "
+                         "(knowlip.train.memory_model.zero_stage_for, as the Trainer does)")
     ours = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": accumulation,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from knowlip.config import config_changes, config_hash, global_batch, schedule_steps, to_yaml
+from knowlip.config import config_changes, config_hash, global_batch, replaced, schedule_steps, to_yaml
 from knowlip.data.loader import build_loader, shard_captions
 from knowlip.data.shards import ShardIndex, load_index
 from knowlip.data.storage import storage_options
@@ -32,6 +32,7 @@ from knowlip.model.flops import peak_flops, training_flops_per_sample
 from knowlip.ops.sar_norm import normalise_batch
 from knowlip.text.tokenizer import CaptionTokenizer, run_tokenizer
 from knowlip.track.report import RESUMED
+from knowlip.train.memory_model import zero_stage_for
 from knowlip.train.registry import register_finished_model
 from knowlip.track.run_tracking import RunTracking, end_status, run_facts
 from knowlip.train import scio_loop
@@ -99,6 +100,12 @@ class Trainer:
         self.loader = build_loader(cfg.data, self.rank, self.world_size, tokenizer=self.text,
                                    pin_memory=self.device.type == "cuda", index=self.index)
         model = build_model(cfg.model, self.tokenizer)
+        self.zero_choice = None
+        if cfg.train.engine == "deepspeed":  # train.zero_stage=auto becomes a stage here, for this whole job
+            self.zero_choice = zero_stage_for(cfg, model, self.device, ranks.world_size)
+            self.cfg = cfg = replaced(cfg, "train.zero_stage", self.zero_choice.stage)
+            if not self.zero_choice.fits and ranks.rank == 0:
+                log.warning("train.zero_stage=auto: %s", self.zero_choice.reason)
         model.vision.activation_checkpointing = model.text.activation_checkpointing = cfg.train.activation_checkpointing
         if cfg.train.compile:
             for block in [*model.vision.blocks, *model.text.layers]:
@@ -106,8 +113,9 @@ class Trainer:
         plan = plan_resume(cfg, self.rank, self.world_size, history_files(self.run_dir))
         self.engine = build_engine(model, cfg, self.device, bf16, self.accumulation, plan.universal)
         self.model = self.engine.module
+        notes = {"zero_stage_reason": self.zero_choice.reason} if self.zero_choice else {}
         self.checkpoints = CheckpointManager(cfg, self.engine, self.tokenizer, self.rank, self.world_size,
-                                             self.global_batch)
+                                             self.global_batch, notes)
         self.step, self.nonfinite_skipped, self.nonfinite_in_a_row = 0, 0, 0
         self.scio_stats = scio_loop.ScioStats()
         self.mlflow_run_id: str | None = None
@@ -134,7 +142,7 @@ class Trainer:
             part = "momentum copies" if part.endswith("_m") else part
             parts[part] = parts.get(part, 0) + int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3: the whole size
         device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        stage = f" ZeRO-{cfg.train.zero_stage}" if engine == "deepspeed" else ""
+        stage = f" ZeRO-{cfg.train.zero_stage} ({self.zero_choice.reason})" if self.zero_choice else ""
         start = (f"resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "a fresh start")
         return [f"run {self.run_dir} (its resolved config: {self.run_dir / CONFIG})",
                 f"model {cfg.model.size}: {sum(parts.values()):,} parameters ("
@@ -157,7 +165,10 @@ class Trainer:
     def _run_facts(self) -> dict:
         device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         dataset = f"{self.index.root}: {self.index.total_samples} samples in {self.index.num_shards} shards"
-        return run_facts(self.world_size, self.global_batch, device, self.cfg.train.engine, dataset)
+        facts = run_facts(self.world_size, self.global_batch, device, self.cfg.train.engine, dataset)
+        if self.zero_choice:  # train.zero_stage (a param) is the stage taken; the tag says why
+            facts["zero_stage_reason"] = self.zero_choice.reason
+        return facts
 
     # -- checkpointed state ----------------------------------------------------------------------------------
 
