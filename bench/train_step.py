@@ -52,10 +52,11 @@ class _Timer:
     """Wall time inside a wrapped callable, synchronising the GPU around it."""
 
     def __init__(self, device: torch.device):
-        self.device, self.total = device, 0.0
+        self.device, self.total, self.calls = device, 0.0, 0
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
+            self.calls += 1
             self._sync()
             start = time.perf_counter()
             try:
@@ -152,21 +153,25 @@ def throughput(dims, vocab, image_size, text_len, batch, median, peak, ceiling=N
 
 
 def run_case(engine_name: str, size: str, image_size: int, batch: int, text_len: int, steps: int,
-             device: torch.device, bf16: bool, zero_stage: int | None = None) -> dict:
-    """CPU mode: one engine at one batch, with the shares of optimiser and ZeRO-3 gather time."""
-    engine, dims, vocab = build(engine_name, size, image_size, batch, text_len, device, bf16,
-                                overrides=(f"train.zero_stage={zero_stage}",) if zero_stage else ())
+             device: torch.device, bf16: bool, zero_stage: int | None = None, gather: str = "block") -> dict:
+    """CPU mode: one engine at one batch, with the shares of optimiser and ZeRO-3 gather time, the Python calls
+    of one step and (ZeRO-3) its parameter fetches."""
+    overrides = (f"train.zero_stage={zero_stage}", f"train.zero3_gather={gather}") if zero_stage else ()
+    engine, dims, vocab = build(engine_name, size, image_size, batch, text_len, device, bf16, overrides=overrides)
     gathers = _gather_timer(device) if engine_name == "deepspeed" else _Timer(device)
     optimizer = _Timer(device)
     inputs = random_batch(batch, image_size, text_len, vocab, device, torch.bfloat16 if bf16 else torch.float32,
                           padded=False)
     timed_steps(engine, inputs, 0, 3, device)
     gathers.total = optimizer.total = 0.0
+    gathers.calls = 0
     times = timed_steps(engine, inputs, steps, 0, device, optimizer.wrap(engine.step))
+    fetches = gathers.calls // max(1, steps)
     median = sorted(times)[len(times) // 2]
     calls = pstats.Stats(profiled_step(engine, inputs, device)).total_calls
     return {"bench": "train_step", "engine": engine_name, "preset": size, "image_size": image_size,
-            "zero_stage": zero_stage,
+            "zero_stage": zero_stage, "zero3_gather": gather if zero_stage == 3 else None,
+            "zero_fetches_per_step": fetches if engine_name == "deepspeed" else None,
             "batch_size": batch, "text_len": text_len, "precision": "bf16" if bf16 else "fp32",
             **throughput(dims, vocab, image_size, text_len, batch, median, peak_flops(device)),
             "optimizer_share": round(optimizer.total / sum(times), 3),
@@ -416,12 +421,18 @@ def main() -> int:
     device = torch.device("cpu")
     init_process_group(RankEnv(0, 1, 0, 1, "127.0.0.1", free_port()), device, "auto", 600)
     results = []
-    for engine_name, stage in (("plain", None), ("deepspeed", 3), ("deepspeed", 2)):
-        results.append(run_case(engine_name, "tiny", 64, 16, 128, args.steps, device, bf16=False, zero_stage=stage))
+    cases = (("plain", None, "block"), ("deepspeed", 3, "block"), ("deepspeed", 3, "module"), ("deepspeed", 2, "block"))
+    for engine_name, stage, gather in cases:
+        results.append(run_case(engine_name, "tiny", 64, 16, 128, args.steps, device, bf16=False, zero_stage=stage,
+                                gather=gather))
         emit(results[-1])
-    plain, zero3, zero2 = (r["median_step_s"] for r in results)
-    emit({"bench": "zero_overhead", "preset": "tiny", "zero3_vs_plain": round(zero3 / plain, 2),
-          "zero2_vs_plain": round(zero2 / plain, 2)})
+    plain, zero3, zero3_module, zero2 = results
+    ratio = lambda key, r: round(r[key] / plain[key], 2)
+    emit({"bench": "zero_overhead", "preset": "tiny", "zero3_vs_plain": ratio("median_step_s", zero3),
+          "zero3_module_vs_plain": ratio("median_step_s", zero3_module), "zero2_vs_plain": ratio("median_step_s", zero2),
+          "zero3_calls_vs_plain": ratio("python_calls_per_step", zero3),
+          "zero3_module_calls_vs_plain": ratio("python_calls_per_step", zero3_module),
+          "zero2_calls_vs_plain": ratio("python_calls_per_step", zero2)})
     return 0
 
 

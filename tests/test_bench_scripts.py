@@ -36,11 +36,14 @@ def test_train_step_bench_runs_both_engines_on_cpu():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [(r.get("engine"), r.get("zero_stage")) for r in rows[:3]] == [("plain", None), ("deepspeed", 3),
-                                                                         ("deepspeed", 2)]
-    assert rows[1]["zero_gather_share"] > 0 and rows[2]["zero_gather_share"] == 0  # stage 2 fetches no weights
-    assert rows[2]["python_calls_per_step"] < rows[1]["python_calls_per_step"]  # nor runs hooks per module call
-    assert rows[3]["zero3_vs_plain"] > 0 and rows[3]["zero2_vs_plain"] > 0
+    assert [(r.get("engine"), r.get("zero_stage"), r.get("zero3_gather")) for r in rows[:4]] == [
+        ("plain", None, None), ("deepspeed", 3, "block"), ("deepspeed", 3, "module"), ("deepspeed", 2, None)]
+    plain, block, module, stage2 = rows[:4]
+    assert block["zero_gather_share"] > 0 and stage2["zero_gather_share"] == 0  # stage 2 fetches no weights
+    assert stage2["python_calls_per_step"] < module["python_calls_per_step"]  # nor runs hooks per module call
+    assert 0 < block["zero_fetches_per_step"] < module["zero_fetches_per_step"] / 2  # a block at a time
+    assert block["python_calls_per_step"] < module["python_calls_per_step"]
+    assert rows[4]["zero3_vs_plain"] > 0 and rows[4]["zero2_vs_plain"] > 0
 
 
 @pytest.mark.integration

@@ -250,6 +250,12 @@ class ZeroEngine:
         optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                       betas=OPTIMIZER_BETAS)
         self.config = deepspeed_config(cfg, get_world_size(), accumulation, bf16, universal)
+        self.block_gather = block_gather(cfg, self.stage, accumulation)
+        if self.block_gather:
+            from knowlip.model.text import TextLayer
+            from knowlip.model.vit import VitBlock
+
+            deepspeed.utils.set_z3_leaf_modules(model, [VitBlock, TextLayer])
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.config, dist_init_required=False)
         self.module = self.engine.module
@@ -271,7 +277,14 @@ class ZeroEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self._micro += 1
         self.engine.set_gradient_accumulation_boundary(self._micro == self.accumulation)
-        self.engine.backward(loss)
+        if self.block_gather:
+            # A block runs several times a step (the text model: five passes) and DeepSpeed reduces a leaf
+            # module's gradients from its backward hook, once per call: one reduction pass after the whole
+            # backward instead (else a parameter lands twice in one bucket, or partial gradients are reduced).
+            with self.engine.coalesce_grad_reduction():
+                self.engine.backward(loss)
+        else:
+            self.engine.backward(loss)
         if self._micro < self.accumulation:
             self.engine.step()  # accumulates only: the boundary is not reached
 
@@ -394,6 +407,13 @@ def _is_persistent(p) -> bool:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     return p.ds_status == ZeroParamStatus.AVAILABLE
+
+
+def block_gather(cfg, stage, accumulation: int) -> bool:
+    """train.zero3_gather=block at stage 3: each transformer block's weights gathered once per call of the block
+    (a DeepSpeed leaf module) instead of once per Linear and LayerNorm in it. It needs one micro-batch per step
+    (DeepSpeed's coalesced reduction spans one backward); with gradient accumulation, module gathering."""
+    return stage == 3 and cfg.train.zero3_gather == "block" and accumulation == 1
 
 
 def build_engine(model: torch.nn.Module, cfg, device: torch.device, bf16: bool, accumulation: int,

@@ -132,6 +132,8 @@ def export_hf(source: str | Path, out: str | Path, loaded: tuple | None = None) 
     from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
                               BlipImageProcessor, BlipProcessor)
 
+    from transformers.initialization import no_init_weights
+
     from knowlip.model import hf_blip
 
     model, tokenizer, cfg = loaded or load_model(source)
@@ -143,7 +145,8 @@ def export_hf(source: str | Path, out: str | Path, loaded: tuple | None = None) 
     out = Path(out)
     for role, cls, folder in (("retrieval", BlipForImageTextRetrieval, out),
                               ("decoder", BlipForConditionalGeneration, out / HF_DECODER)):
-        hf_model = cls(config).eval()
+        with no_init_weights():  # every weight is set below (strict): its random initialisation would be wasted
+            hf_model = cls(config).eval()
         hf_model.load_state_dict(hf_blip.hf_state_dict(state, dims, model.vision.in_channels, role), strict=True)
         hf_model.save_pretrained(folder)
         # BlipProcessor.from_pretrained(folder): the tokenizer, and images passed through as given (the SAR

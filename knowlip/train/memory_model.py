@@ -30,14 +30,15 @@ class ZeroChoice:
     fits: bool = True  # False: not even ZeRO-3 fits by the estimate
 
 
-def state_bytes(stage: int, trainable: int, frozen: int, ranks: int) -> float:
-    """Model states per GPU at `stage` (1, 2 or 3) over `ranks` data-parallel ranks."""
+def state_bytes(stage: int, trainable: int, frozen: int, ranks: int, block_gather: bool = False) -> float:
+    """Model states per GPU at `stage` (1, 2 or 3) over `ranks` data-parallel ranks; ZeRO-3 with block gathering
+    (train.zero3_gather=block) holds whole bf16 gradients until its one reduction pass (2P more)."""
     p, q = trainable, frozen
     if stage == 1:
         return 2 * p + 2 * q + 2 * p + 12 * p / ranks
     if stage == 2:
         return 2 * p + 2 * q + 2 * p / ranks + 12 * p / ranks
-    return (2 * p + 2 * q + 2 * p + 12 * p) / ranks
+    return (2 * p + 2 * q + 2 * p + 12 * p) / ranks + (2 * p if block_gather else 0)
 
 
 def _activation_units(dims, image_size: int, text_len: int) -> int:
@@ -63,21 +64,22 @@ def activation_bytes(dims, image_size: int, text_len: int, micro_batch: int, bf1
     return total
 
 
-def choose_zero_stage(trainable: int, frozen: int, activations: float, device_bytes: float, ranks: int) -> ZeroChoice:
+def choose_zero_stage(trainable: int, frozen: int, activations: float, device_bytes: float, ranks: int,
+                      block_gather: bool = False) -> ZeroChoice:
     """The lowest stage whose states + activations fit; ZeRO-3 (fits=False) when none does."""
     budget = USABLE_SHARE * device_bytes - RESERVED_BYTES
     gib = lambda b: f"{b / GIB:.1f} GiB"
     for stage in (1, 2, 3):
-        states = state_bytes(stage, trainable, frozen, ranks)
+        states = state_bytes(stage, trainable, frozen, ranks, block_gather)
         if states + activations <= budget:
             lower = ", the lower stages' do not" if stage > 1 else ""
             return ZeroChoice(stage, f"model states {gib(states)} + activations ~{gib(activations)} fit "
                                      f"{gib(budget)} usable of {gib(device_bytes)} per GPU at ZeRO-{stage}{lower} "
                                      f"({ranks} rank(s))")
-    states = state_bytes(3, trainable, frozen, ranks)
+    states = state_bytes(3, trainable, frozen, ranks, block_gather)
     return ZeroChoice(3, f"model states {gib(states)} + activations ~{gib(activations)} exceed {gib(budget)} usable "
-                         f"of {gib(device_bytes)} per GPU even at ZeRO-3: lower data.batch_size or set "
-                         "train.activation_checkpointing=true", fits=False)
+                         f"of {gib(device_bytes)} per GPU even at ZeRO-3: lower data.batch_size, set "
+                         "train.activation_checkpointing=true or train.zero3_gather=module", fits=False)
 
 
 def zero_stage_for(cfg, model, device, world_size: int) -> ZeroChoice:
@@ -97,7 +99,7 @@ def zero_stage_for(cfg, model, device, world_size: int) -> ZeroChoice:
     activations = activation_bytes(model.dims, cfg.model.image_size, cfg.data.max_text_len, cfg.data.batch_size,
                                    bf16, cfg.train.activation_checkpointing)
     return choose_zero_stage(trainable, frozen, activations, torch.cuda.get_device_properties(device).total_memory,
-                             world_size)
+                             world_size, cfg.train.zero3_gather == "block")
 
 
 def _saved_stage(cfg) -> tuple[int, str] | None:
