@@ -24,12 +24,14 @@ def test_lr_warms_up_from_the_first_step_then_follows_a_cosine_to_zero():
     assert lr_at(0, 1e-3, 0, 10) == pytest.approx(1e-3)
 
 
-def test_lr_decays_to_min_lr_not_below():
+def test_lr_decays_to_min_lr_not_below(tmp_path):
     """train.min_lr: BLIP's cosine floors at its min_lr; warmup is unchanged."""
     values = [lr_at(s, 1e-3, 4, 14, min_lr=1e-5) for s in range(15)]
     assert values[:5] == pytest.approx([lr_at(s, 1e-3, 4, 14) for s in range(5)])
     assert values[9] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # halfway through the decay: the midpoint
     assert values[14] == pytest.approx(1e-5) and min(values) == pytest.approx(1e-5)
+    with pytest.raises(ConfigError, match="train.min_lr: 0.001 is above train.lr=0.0003"):
+        make_config(tmp_path, "train.min_lr=0.001")
 
 
 def test_alpha_ramps_linearly_from_exactly_zero_as_blip():
