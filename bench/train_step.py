@@ -101,7 +101,7 @@ def build(engine_name: str, size: str, image_size: int, batch: int, text_len: in
     train.precision=bf16_weights: the plain engine's bf16 weights with float32 masters)."""
     cfg = load_config(None, [f"train.engine={engine_name}", f"model.size={size}", f"model.image_size={image_size}",
                              f"data.batch_size={batch}", f"data.max_text_len={text_len}", "train.grad_clip=1.0",
-                             *overrides])
+                             "train.zero_stage=3", *overrides])  # "deepspeed" here means ZeRO-3 unless overridden
     torch.manual_seed(0)
     dims = preset(size, image_size=image_size)
     vocab = VOCAB[size]
