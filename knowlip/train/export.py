@@ -131,7 +131,6 @@ def export_hf(source: str | Path, out: str | Path, loaded: tuple | None = None) 
     load_model(source) when the caller has it already."""
     from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
                               BlipImageProcessor, BlipProcessor)
-
     from transformers.initialization import no_init_weights
 
     from knowlip.model import hf_blip
