@@ -67,20 +67,19 @@ def disagreements(ours: dict, theirs: dict) -> dict[str, float]:
     return out
 
 
-def compare(source: Path, folder: Path, shards) -> dict[str, float]:
+def compare(source: Path | None, folder: Path, shards, loaded: tuple | None = None) -> dict[str, float]:
     from knowlip.train.export import export_hf, load_model
 
-    model, tokenizer, cfg = load_model(source)
-    export_hf(source, folder)
+    model, tokenizer, cfg = loaded or load_model(source)
+    export_hf(source, folder, loaded)
     batch = inputs(shards, tokenizer, cfg.norm, model.dims.vision.image_size)
     return disagreements(knowlip_outputs(model, *batch), transformers_outputs(folder, *batch))
 
 
-def random_export(tmp: Path, size: str, tokenizer_folder: Path, image_size: int) -> Path:
-    """A knowlip export of a `size` model whose every weight is random (no weight at its initial 0 or 1)."""
-    from safetensors.torch import save_file
-
-    from knowlip.config import load_config, to_yaml
+def random_model(size: str, tokenizer_folder: Path, image_size: int) -> tuple:
+    """(model, tokenizer, config) of a `size` model whose every weight is random: no weight at its initial 0
+    or 1, so that a LayerNorm or bias mapped to the wrong place shows."""
+    from knowlip.config import load_config
     from knowlip.model.build import build_model
     from knowlip.text.tokenizer import load_tokenizer
 
@@ -92,12 +91,7 @@ def random_export(tmp: Path, size: str, tokenizer_folder: Path, image_size: int)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * (0.05 if p.dim() > 1 else 0.5) + (1.0 if p.dim() == 1 else 0.0))
-    folder = tmp / f"knowlip_{size}"
-    folder.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "config.yaml").write_text(to_yaml(cfg))
-    tokenizer.save_pretrained(folder / "tokenizer")
-    return folder
+    return model.eval(), tokenizer, cfg
 
 
 def test_tiny_as_trained_exports_to_transformers_and_computes_the_same(local_run, synth_shards, tmp_path):
@@ -120,16 +114,16 @@ def test_tiny_as_trained_exports_to_transformers_and_computes_the_same(local_run
 
 
 def test_base_shape_with_random_weights_computes_the_same(session_tokenizer, synth_shards, tmp_path):
-    source = random_export(tmp_path, "base", session_tokenizer, 224)
-    assert compare(source, tmp_path / "hf", synth_shards) == {}
+    loaded = random_model("base", session_tokenizer, 224)
+    assert compare(None, tmp_path / "hf", synth_shards, loaded) == {}
 
 
 def test_a_swapped_projection_in_the_table_is_caught(session_tokenizer, synth_shards, tmp_path, monkeypatch):
     """The comparison can fail: query and key of the text self-attention swapped in the name table."""
-    source = random_export(tmp_path, "tiny", session_tokenizer, 64)
+    loaded = random_model("tiny", session_tokenizer, 64)
     swapped = {**hf_blip.TEXT_LAYER, "{self}.query": "attention.self.key", "{self}.key": "attention.self.query"}
     monkeypatch.setattr(hf_blip, "TEXT_LAYER", swapped)
-    wrong = compare(source, tmp_path / "hf", synth_shards)
+    wrong = compare(None, tmp_path / "hf", synth_shards, loaded)
     assert set(wrong) == {"itc", "itm", "decoder"} and min(wrong.values()) > 1e-3
 
 

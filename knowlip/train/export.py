@@ -124,11 +124,11 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu"):
 HF_DECODER = "decoder"  # the BlipForConditionalGeneration folder inside an hf export
 
 
-def export_hf(source: str | Path, out: str | Path, loaded: tuple | None = None) -> Path:
+def export_hf(source: str | Path | None, out: str | Path, loaded: tuple | None = None) -> Path:
     """A checkpoint, run or knowlip export -> out/ that transformers loads without knowlip:
     `BlipForImageTextRetrieval.from_pretrained(out)` (ITC, ITM) and `BlipForConditionalGeneration.from_pretrained(
     out / "decoder")`, each with its BlipProcessor; config.json's "knowlip" says how to build the input. `loaded`:
-    load_model(source) when the caller has it already."""
+    load_model(source) when the caller has it already (source None: a model in memory, no checkpoint behind it)."""
     from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
                               BlipImageProcessor, BlipProcessor)
     from transformers.initialization import no_init_weights
@@ -171,5 +171,5 @@ def _input_recipe(model, cfg, source) -> dict:
         "enc_token_id": model.special.enc, "dec_token_id": model.special.dec, "mask_token_id": model.special.mask,
         "itc_temperature": float(model.temp.detach()[0]),
         "max_text_len": cfg.data.max_text_len,
-        **origin(source),
+        **(origin(source) if source is not None else {}),
     }
