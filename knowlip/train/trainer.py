@@ -296,9 +296,10 @@ class Trainer:
         if self.step >= cfg.train.steps and self.rank == 0:
             # the checkpoint this job just saved is not hashed a second time
             export_checkpoint(saved or resolve_checkpoint(self.run_dir), self.run_dir, verify=saved is None)
-            if cfg.mlflow.enabled and cfg.mlflow.register_as:
-                register_finished_model(self.run_dir, cfg.mlflow.register_as, self.tracking.uri)
         barrier()
+        if self.step >= cfg.train.steps and self.rank == 0 and cfg.mlflow.enabled and cfg.mlflow.register_as:
+            # after the barrier: the other ranks need not wait (a large model's upload can outlast dist.timeout_s)
+            register_finished_model(self.run_dir, cfg.mlflow.register_as, self.tracking.uri)
         return {"steps": self.step, "history": history, "stopped": stopped, "checkpoint": saved,
                 "flops_per_sample": meter.flops_per_sample, "metrics": str(self.metrics_path)}
 
