@@ -432,11 +432,12 @@ def test_auto_on_the_model_sizes_and_gpus_of_a_table(tmp_path, monkeypatch):
 
     def by_hand(gib: float, batch: int, n: int) -> tuple[int, bool]:
         usable, activations = 0.9 * gib * 2**30 - 2**30, batch * 61.5 * 2**30 / 128
-        states = {1: 4 * p + 2 * q + 12 * p / n, 2: 2 * p + 2 * q + 14 * p / n, 3: (16 * p + 2 * q) / n}
+        # ZeRO-3 gathering a block at a time (the default) holds whole bf16 gradients too: 2P
+        states = {1: 4 * p + 2 * q + 12 * p / n, 2: 2 * p + 2 * q + 14 * p / n, 3: (16 * p + 2 * q) / n + 2 * p}
         fitting = [stage for stage in (1, 2, 3) if states[stage] + activations <= usable]
         return (fitting[0], True) if fitting else (3, False)
 
-    table = [(80, 128, 8), (16, 24, 8), (16, 25, 8), (16, 26, 8), (16, 27, 8), (24, 40, 1)]
+    table = [(80, 128, 8), (16, 24, 8), (16, 25, 8), (20, 33, 8), (16, 26, 8), (24, 40, 1)]
     seen = set()
     for gib, batch, ranks in table:
         gpu["gib"] = gib
