@@ -121,10 +121,14 @@ def assert_registered(client, name: str, run: Path, run_id: str, step: int, shar
     batch = next(iter(StreamingLoader(shards, batch_size=4)))
     chips = normalise_batch(batch, cfg.norm, torch.device("cpu"), torch.float32)
     text = tokenizer(batch["captions"], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
-    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
-    out = mlflow.pyfunc.load_model(f"models:/{name}/1").predict(
-        {"pixel_values": chips.numpy(), "input_ids": text.input_ids.numpy(),
-         "attention_mask": text.attention_mask.numpy()})
+    from knowlip.track.mlflow_tracker import using_store
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    with using_store(client._tracking_client.tracking_uri):  # not set for the tests that follow
+        out = mlflow.pyfunc.load_model(f"models:/{name}/1").predict(
+            {"pixel_values": chips.numpy(), "input_ids": text.input_ids.numpy(),
+             "attention_mask": text.attention_mask.numpy()})
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env  # child processes of later tests see no leftover
     with torch.no_grad():
         image, text_feat = model.encode_image(chips)[1], model.encode_text(text.input_ids, text.attention_mask)
     np.testing.assert_allclose(out["image_embeds"], image.numpy(), atol=1e-5)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -41,6 +42,26 @@ def tracking_uri(cfg) -> tuple[str, str | None]:
     """(tracking URI, artifact root for a new experiment or None for the server's default)."""
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     return (uri, None) if uri else default_store(Path(cfg.run_dir))
+
+
+@contextlib.contextmanager
+def using_store(uri: str):
+    """MLflow's fluent API (start_run, log_model, models:/ URIs) on `uri` for the block, and as it was after.
+    mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, which every later child process would inherit (a
+    training job started afterwards would log into this store): both are put back."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    env, previous = os.environ.get("MLFLOW_TRACKING_URI"), getattr(utils, "_tracking_uri", None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def is_file_store(uri: str) -> bool:

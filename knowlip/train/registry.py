@@ -43,7 +43,8 @@ def register(source: str | Path, name: str, tracking_uri: str | None = None) -> 
     from mlflow import MlflowClient
 
     from knowlip.train.export import export_hf, load_model
-    from knowlip.track.mlflow_tracker import recorded_run_id, tracking_uri as configured_uri
+    from knowlip.track.mlflow_tracker import recorded_run_id, using_store
+    from knowlip.track.mlflow_tracker import tracking_uri as configured_uri
 
     loaded = load_model(source)
     cfg = loaded[2]
@@ -51,13 +52,14 @@ def register(source: str | Path, name: str, tracking_uri: str | None = None) -> 
     facts = lineage(source)
     run_id = facts.pop("run_id", "") or recorded_run_id(Path(cfg.run_dir))
     client = MlflowClient(tracking_uri=uri)
-    mlflow.set_tracking_uri(uri)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, using_store(uri):
         folder = export_hf(source, Path(tmp) / "blip", loaded)
         previous = client.get_run(run_id).info if run_id else None
         if previous is None:  # trained without MLflow: a run of its own, saying so
-            mlflow.set_experiment(cfg.mlflow.experiment)
-            run_id = mlflow.start_run(run_name=f"{Path(cfg.run_dir).name} (registered)").info.run_id
+            experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.mlflow.experiment)
+            run_id = mlflow.start_run(experiment_id=experiment_id,
+                                      run_name=f"{Path(cfg.run_dir).name} (registered)").info.run_id
             mlflow.set_tag("knowlip.note", "the training job logged no MLflow run; this one holds the model")
         else:
             mlflow.start_run(run_id=run_id)
