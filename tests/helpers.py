@@ -84,6 +84,15 @@ def assert_no_secret_in(folder: Path, secrets, *outputs: str) -> None:
                 assert value.encode() not in f.read_bytes(), f"{value} found in {f}"
 
 
+def as_foreground() -> None:
+    """preexec_fn of a child that a test will Ctrl-C: SIGINT at its default, as for a terminal's foreground job.
+    A test runner started in the background by a non-interactive shell ignores SIGINT, and an ignored signal
+    stays ignored across exec: Python would then never raise KeyboardInterrupt in the child."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

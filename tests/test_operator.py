@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, losses, wait_for_steps
+from helpers import REPO, as_foreground, losses, wait_for_steps
 
 CLI = [sys.executable, "-m", "knowlip.cli"]
 
@@ -26,7 +26,8 @@ def test_ctrl_c_saves_exits_130_and_the_same_command_resumes(local_run, tiny_tra
     run = tmp_path / "run"
     command = CLI + ["train", f"run_dir={run}", "dist.nproc_per_node=2", *tiny_train_base, "train.steps=16",
                      f"log.json={tmp_path}/log.jsonl"]
-    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=as_foreground)
     wait_for_steps(run, 3)
     job.send_signal(signal.SIGINT)
     out, err = job.communicate(timeout=300)
@@ -56,7 +57,7 @@ def test_ctrl_c_during_pack_is_one_line_and_leaves_no_staging(tmp_path):
     subprocess.run(CLI + ["synth", "synth.num_scenes=32", "synth.size=256"], cwd=tmp_path, check=True,
                    capture_output=True)
     job = subprocess.Popen(CLI + ["pack", "pack.chip.size=16", "pack.chip.stride=16"], cwd=tmp_path,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_foreground)
     staging = tmp_path / "runs" / "quickstart" / ".shards.staging"
     deadline = time.monotonic() + 120
     while not list(staging.glob("shard-*")) and job.poll() is None:
@@ -202,7 +203,7 @@ def test_mlflow_ui_serves_the_runs_store_and_prints_its_page(tiny_in_process_bas
     os.umask(umask)
     assert (run / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # as every other output
     ui = subprocess.Popen(CLI + ["mlflow", "ui", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          text=True, preexec_fn=as_foreground)
     try:
         line = ui.stdout.readline()
         assert "MLflow UI on sqlite:///" in line and f"/runs/{run_id}" in line, line + ui.stderr.read()[-2000:]
