@@ -243,3 +243,20 @@ def test_the_geo_clause_is_a_keyword_span_only_when_asked(text_tokenizer):
     assert torch.equal(out[True]["keyword_mask"], out[False]["keyword_mask"] | geo_tokens)
     assert not (out[False]["keyword_mask"] & geo_tokens).any() and out[False]["keyword_mask"].any()
     assert torch.equal(out[False]["input_ids"], out[True]["input_ids"])  # the text keeps its geography
+
+
+def test_the_readme_noise_command_as_written(tmp_path):
+    """README: `knowlip synth synth.caption_noise=0.2` (the default 32 scenes x 16 chips), run as a user would:
+    the venv's command, the user's folder, no test-only variables."""
+    import os
+    import subprocess
+
+    from helpers import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KNOWLIP_", "MLFLOW_"))}
+    proc = subprocess.run([str(REPO / ".venv/bin/knowlip"), "synth", "synth.caption_noise=0.2"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "runs/quickstart/scenes/captions.jsonl").open()]
+    chips = [r for r in records if "_r" in r["id"]]
+    assert sum(r["noise"] is not None for r in chips) == round(0.2 * len(chips)) > 0
