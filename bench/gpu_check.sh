@@ -15,9 +15,11 @@
 #                                               # ZeRO-3, ZeRO-3 with whole blocks persistent, and also with
 #                                               # torch's linear instead of DeepSpeed's; each profiled
 #   GPU_CHECK_PLAN=step bash bench/gpu_check.sh # the step only (the kernel checks and timing skipped): plain with
-#                                               # bf16 weights, ZeRO-3 and ZeRO-2 at batch 128 on the same card,
-#                                               # then bf16 weights and ZeRO-2 at their largest batch, then bf16
-#                                               # weights compiled; each profiled
+#                                               # bf16 weights, ZeRO-3 (a block at a time, then a module at a
+#                                               # time: after and before issue 26) and ZeRO-2 at batch 128 on the
+#                                               # same card, ZeRO-3 under DeepCompile, then bf16 weights and ZeRO-2
+#                                               # at their largest batch, then bf16 weights compiled; each profiled
+#                                               # (the ZeRO cases with their Python calls by phase)
 #
 # The device machines lack deepspeed, omegaconf and their needs: put their wheels in .whl/ (see BENCHMARKS.md)
 # and they are installed into /tmp/site first. The real scenes travel as bench/sentinel1_db.npy
@@ -68,6 +70,8 @@ else
     "plain_bf16_weights|--batches 224:128 --groups plain/224/eager --override train.precision=bf16_weights"
     "plain_bf16_weights_search|--groups plain/224/eager --override train.precision=bf16_weights"
     "zero3|--batches 224:128 --groups deepspeed/224/eager"
+    "zero3_module|--batches 224:128 --groups deepspeed/224/eager --override train.zero3_gather=module"
+    "zero3_deepcompile|--batches 224:128 --groups deepspeed/224/eager --override deepspeed.compile.deepcompile=true --override train.zero3_gather=module"
     "zero3_persistent|--batches 224:128 --groups deepspeed/224/eager --override deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7"
     "zero3_persistent_torch_linear|--batches 224:128 --groups deepspeed/224/eager --override deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7 --override deepspeed.zero_optimization.memory_efficient_linear=false"
     "zero2|--batches 224:128 --groups deepspeed/224/eager --override train.zero_stage=2"
@@ -76,7 +80,7 @@ else
     "zero2_compile|--batches 224:128 --groups deepspeed/224/compile --override train.zero_stage=2"
   )
   if [ "$PLAN" = step ]; then
-    default_cases="plain_bf16_weights zero3 zero2 plain_bf16_weights_search zero2_search plain_bf16_weights_compile"
+    default_cases="plain_bf16_weights zero3 zero3_module zero2 zero3_deepcompile plain_bf16_weights_search zero2_search plain_bf16_weights_compile"
   else
     default_cases="plain plain_bf16_weights zero3 zero3_persistent zero3_persistent_torch_linear"
   fi

@@ -109,7 +109,10 @@ def build(engine_name: str, size: str, image_size: int, batch: int, text_len: in
     if compile_blocks:
         for block in [*model.vision.blocks, *model.text.layers]:
             block.compile()
-    return build_engine(model, cfg, device, bf16, accumulation=1), dims, vocab
+    engine = build_engine(model, cfg, device, bf16, accumulation=1)
+    if getattr(engine, "config", {}).get("compile", {}).get("deepcompile"):  # --override deepspeed.compile.deepcompile=true
+        engine.engine.compile()  # DeepCompile (CUDA only): ZeRO-3's gathers scheduled in the compiled graph, no hooks
+    return engine, dims, vocab
 
 
 def random_batch(batch: int, image_size: int, text_len: int, vocab: int, device: torch.device, dtype, padded: bool):
@@ -169,6 +172,7 @@ def run_case(engine_name: str, size: str, image_size: int, batch: int, text_len:
     fetches = gathers.calls // max(1, steps)
     median = sorted(times)[len(times) // 2]
     calls = pstats.Stats(profiled_step(engine, inputs, device)).total_calls
+    phases = calls_by_phase(engine, inputs, device) if engine_name == "deepspeed" else None
     return {"bench": "train_step", "engine": engine_name, "preset": size, "image_size": image_size,
             "zero_stage": zero_stage, "zero3_gather": gather if zero_stage == 3 else None,
             "zero_fetches_per_step": fetches if engine_name == "deepspeed" else None,
@@ -176,7 +180,8 @@ def run_case(engine_name: str, size: str, image_size: int, batch: int, text_len:
             **throughput(dims, vocab, image_size, text_len, batch, median, peak_flops(device)),
             "optimizer_share": round(optimizer.total / sum(times), 3),
             "zero_gather_share": round(gathers.total / sum(times), 3) if engine_name == "deepspeed" else None,
-            "python_calls_per_step": calls, "device": device_name(device), "torch": torch.__version__}
+            "python_calls_per_step": calls, "calls_by_phase": phases, "device": device_name(device),
+            "torch": torch.__version__}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,8 +242,10 @@ def profile_top_kernels(engine, inputs, device, path: Path, rows: int = 25) -> d
     stats = pstats.Stats(profiled_step(engine, inputs, device), stream=text)
     stats.sort_stats("tottime").print_stats(40)
     Path(str(path) + ".py.txt").write_text(text.getvalue())
+    phases = calls_by_phase(engine, inputs, device) if engine.name == "deepspeed" else None
     return {"profiled_steps": 2, "wall_s": round(wall, 3), "cuda_kernels_s": round(kernels_s, 3),
-            "gpu_busy_share": round(kernels_s / wall, 3), "python_calls_per_step": stats.total_calls}
+            "gpu_busy_share": round(kernels_s / wall, 3), "python_calls_per_step": stats.total_calls,
+            "calls_by_phase": phases}
 
 
 def profiled_step(engine, inputs, device):
@@ -250,6 +257,49 @@ def profiled_step(engine, inputs, device):
     timed_steps(engine, inputs, 1, 0, device)
     py.disable()
     return py
+
+
+def calls_by_phase(engine, inputs, device) -> dict[str, int]:
+    """The Python calls of one step by where DeepSpeed spends them, from the stack of every call: `model` (our
+    code, no DeepSpeed hook on the stack), `gather` and `release` (a module's weights fetched and freed around
+    its call), `hook_setup` (DeepSpeed walking a module's inputs and outputs to hang its backward hooks, its
+    forward prologue and epilogue), `zero_linear` (ZeRO-3's own Linear autograd function), `reduction`
+    (gradients reduced and partitioned), `optimizer_step` (the engine's step: ZeRO-3 frees every weight and
+    gathers the persistent ones again), `other`. The phases sum to the step's calls under sys.setprofile."""
+    counts: dict[str, int] = {}
+
+    def phase(frame) -> str:
+        names = []
+        while frame is not None:
+            code = frame.f_code
+            if "deepspeed" in code.co_filename and code.co_name != "wrapped_fn":
+                names.append(f"{Path(code.co_filename).name}:{code.co_name}")
+            frame = frame.f_back
+        names.reverse()  # outermost first
+        if not names or names == ["engine.py:forward"]:
+            return "model"
+        if names[0] == "engine.py:step":
+            return "optimizer_step"
+        joined = " ".join(names)
+        for key, name in (("coalesce_grad_reduction", "reduction"), ("reduce", "reduction"),
+                          ("fetch_sub_module", "gather"), ("release", "release"), ("linear.py", "zero_linear"),
+                          ("apply_to_tensors_only", "hook_setup"), ("_forward_prologue", "hook_setup"),
+                          ("_forward_epilogue", "hook_setup")):
+            if key in joined:
+                return name
+        return "model" if names[-1] in ("engine.py:forward", "engine.py:backward") else "other"
+
+    def profile(frame, event, arg):
+        if event in ("call", "c_call"):
+            name = phase(frame)
+            counts[name] = counts.get(name, 0) + 1
+
+    sys.setprofile(profile)
+    try:
+        timed_steps(engine, inputs, 1, 0, device)
+    finally:
+        sys.setprofile(None)
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def gpu_group(spec: dict) -> None:
@@ -421,12 +471,14 @@ def main() -> int:
     device = torch.device("cpu")
     init_process_group(RankEnv(0, 1, 0, 1, "127.0.0.1", free_port()), device, "auto", 600)
     results = []
-    cases = (("plain", None, "block"), ("deepspeed", 3, "block"), ("deepspeed", 3, "module"), ("deepspeed", 2, "block"))
+    # ZeRO-2 before ZeRO-3: building a ZeRO-3 engine replaces torch.nn.functional.linear for the whole process
+    # (DeepSpeed's memory-efficient linear), which would count against every engine built after it
+    cases = (("plain", None, "block"), ("deepspeed", 2, "block"), ("deepspeed", 3, "block"), ("deepspeed", 3, "module"))
     for engine_name, stage, gather in cases:
         results.append(run_case(engine_name, "tiny", 64, 16, 128, args.steps, device, bf16=False, zero_stage=stage,
                                 gather=gather))
         emit(results[-1])
-    plain, zero3, zero3_module, zero2 = results
+    plain, zero2, zero3, zero3_module = results
     ratio = lambda key, r: round(r[key] / plain[key], 2)
     emit({"bench": "zero_overhead", "preset": "tiny", "zero3_vs_plain": ratio("median_step_s", zero3),
           "zero3_module_vs_plain": ratio("median_step_s", zero3_module), "zero2_vs_plain": ratio("median_step_s", zero2),

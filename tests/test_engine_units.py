@@ -432,21 +432,27 @@ def test_auto_on_the_model_sizes_and_gpus_of_a_table(tmp_path, monkeypatch):
 
     def by_hand(gib: float, batch: int, n: int) -> tuple[int, bool]:
         usable, activations = 0.9 * gib * 2**30 - 2**30, batch * 61.5 * 2**30 / 128
-        # ZeRO-3 gathering a block at a time (the default) holds whole bf16 gradients too: 2P
-        states = {1: 4 * p + 2 * q + 12 * p / n, 2: 2 * p + 2 * q + 14 * p / n, 3: (16 * p + 2 * q) / n + 2 * p}
-        fitting = [stage for stage in (1, 2, 3) if states[stage] + activations <= usable]
-        return (fitting[0], True) if fitting else (3, False)
+        # ZeRO-3 gathering a block at a time (the default) holds whole bf16 gradients too (2P) and gathers a
+        # momentum tower whole (at most 2Q); a module at a time, neither
+        states = {(1, None): 4 * p + 2 * q + 12 * p / n, (2, None): 2 * p + 2 * q + 14 * p / n,
+                  (3, None): (16 * p + 2 * q) / n + 2 * p + 2 * q, (3, "module"): (16 * p + 2 * q) / n}
+        fitting = [option for option, need in states.items() if need + activations <= usable]
+        return (*fitting[0], True) if fitting else (3, "module", False)
 
-    table = [(80, 128, 8), (16, 24, 8), (16, 25, 8), (20, 33, 8), (16, 26, 8), (24, 40, 1)]
-    seen = set()
+    table = [(80, 128, 8), (16, 24, 8), (16, 25, 8), (20, 33, 8), (16, 26, 8), (24, 40, 1), (24, 34, 8)]
+    seen = {}
     for gib, batch, ranks in table:
         gpu["gib"] = gib
         cfg = make_config(tmp_path, "model.size=base", "model.image_size=224", "data.max_text_len=128",
                           f"data.batch_size={batch}", "train.precision=bf16")
         choice = mm.zero_stage_for(cfg, base, cuda, ranks)
-        assert (choice.stage, choice.fits) == by_hand(gib, batch, ranks), (gib, batch, ranks, choice.reason)
-        seen.add((choice.stage, choice.fits))
-    assert seen == {(1, True), (2, True), (3, True), (3, False)}  # the table reaches every outcome
+        got = (choice.stage, choice.gather, choice.fits)
+        assert got == by_hand(gib, batch, ranks), (gib, batch, ranks, choice.reason)
+        seen[got] = choice.reason
+    # the table reaches every outcome (ZeRO-3 gathering a block at a time never fits where ZeRO-2 does not:
+    # its whole gradients cost more than the partitioned weights save)
+    assert set(seen) == {(1, None, True), (2, None, True), (3, "module", True), (3, "module", False)}
+    assert "gathering a module at a time (train.zero3_gather=module" in seen[3, "module", True]
     assert mm.zero_stage_for(make_config(tmp_path), base, torch.device("cpu"), 2).stage == 3  # CPU: the design's
     assert mm.zero_stage_for(make_config(tmp_path, "train.zero_stage=2"), base, cuda, 8).reason == \
         "set by train.zero_stage"

@@ -83,10 +83,17 @@ class SarKnowLIP(nn.Module):
 
     # -- momentum ------------------------------------------------------------------------------------------
 
+    def _online_and_momentum(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
+        return ((self.vision, self.vision_m), (self.vision_proj, self.vision_proj_m),
+                (self.text, self.text_m), (self.text_proj, self.text_proj_m))
+
+    def momentum_towers(self) -> list[nn.Module]:
+        """The frozen momentum (EMA) modules."""
+        return [momentum for _, momentum in self._online_and_momentum()]
+
     def momentum_pairs(self):
         """(online, momentum) parameter pairs, matched by name."""
-        for online, momentum in ((self.vision, self.vision_m), (self.vision_proj, self.vision_proj_m),
-                                 (self.text, self.text_m), (self.text_proj, self.text_proj_m)):
+        for online, momentum in self._online_and_momentum():
             params = dict(online.named_parameters())
             for name, pm in momentum.named_parameters():
                 yield params[name], pm

@@ -81,11 +81,12 @@ class TextEmbeddings(nn.Module):
         self.position = nn.Embedding(dims.max_positions, dims.dim)
         self.token_type = nn.Embedding(1, dims.dim)  # kept so BERT checkpoints map; one segment only
         self.norm = nn.LayerNorm(dims.dim, eps=1e-12)
-        self.dropout = nn.Dropout(dims.dropout)
+        self.dropout = dims.dropout  # functional: a parameter-less module would still cost ZeRO-3 a hook per call
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(ids.shape[1], device=ids.device)
-        return self.dropout(self.norm(self.word(ids) + self.position(pos)[None] + self.token_type.weight[0]))
+        x = self.norm(self.word(ids) + self.position(pos)[None] + self.token_type.weight[0])
+        return F.dropout(x, self.dropout, self.training)
 
 
 class TextModel(nn.Module):

@@ -256,6 +256,8 @@ class ZeroEngine:
             from knowlip.model.vit import VitBlock
 
             deepspeed.utils.set_z3_leaf_modules(model, [VitBlock, TextLayer])
+            for tower in model.momentum_towers():  # frozen, forward only: gathered whole, once per call
+                deepspeed.utils.set_z3_leaf_module(tower, True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.config, dist_init_required=False)
         self.module = self.engine.module
@@ -411,7 +413,8 @@ def _is_persistent(p) -> bool:
 
 def block_gather(cfg, stage, accumulation: int) -> bool:
     """train.zero3_gather=block at stage 3: each transformer block's weights gathered once per call of the block
-    (a DeepSpeed leaf module) instead of once per Linear and LayerNorm in it. It needs one micro-batch per step
+    (a DeepSpeed leaf module) instead of once per Linear and LayerNorm in it, and each frozen momentum tower's
+    once per call of the tower (it runs forward only, once a step). It needs one micro-batch per step
     (DeepSpeed's coalesced reduction spans one backward); with gradient accumulation, module gathering."""
     return stage == 3 and cfg.train.zero3_gather == "block" and accumulation == 1
 

@@ -28,17 +28,19 @@ class ZeroChoice:
     stage: int
     reason: str
     fits: bool = True  # False: not even ZeRO-3 fits by the estimate
+    gather: str | None = None  # train.zero3_gather the choice needs ("module"), None: as configured
 
 
 def state_bytes(stage: int, trainable: int, frozen: int, ranks: int, block_gather: bool = False) -> float:
-    """Model states per GPU at `stage` (1, 2 or 3) over `ranks` data-parallel ranks; ZeRO-3 with block gathering
-    (train.zero3_gather=block) holds whole bf16 gradients until its one reduction pass (2P more)."""
+    """Model states per GPU at `stage` (1, 2 or 3) over `ranks` data-parallel ranks. ZeRO-3 with block gathering
+    (train.zero3_gather=block) holds whole bf16 gradients until its one reduction pass (2P more) and gathers a
+    momentum tower whole for its call (counted as 2Q: the towers run one after the other, so this bounds it)."""
     p, q = trainable, frozen
     if stage == 1:
         return 2 * p + 2 * q + 2 * p + 12 * p / ranks
     if stage == 2:
         return 2 * p + 2 * q + 2 * p / ranks + 12 * p / ranks
-    return (2 * p + 2 * q + 2 * p + 12 * p) / ranks + (2 * p if block_gather else 0)
+    return (2 * p + 2 * q + 2 * p + 12 * p) / ranks + (2 * p + 2 * q if block_gather else 0)
 
 
 def _activation_units(dims, image_size: int, text_len: int) -> int:
@@ -66,20 +68,27 @@ def activation_bytes(dims, image_size: int, text_len: int, micro_batch: int, bf1
 
 def choose_zero_stage(trainable: int, frozen: int, activations: float, device_bytes: float, ranks: int,
                       block_gather: bool = False) -> ZeroChoice:
-    """The lowest stage whose states + activations fit; ZeRO-3 (fits=False) when none does."""
+    """The lowest stage whose states + activations fit; ZeRO-3 (fits=False) when none does. At ZeRO-3, gathering
+    a block at a time (`block_gather`, faster) when that fits, else a module at a time (gather="module": block
+    gathering holds whole gradients, so where ZeRO-2 does not fit it rarely does)."""
     budget = USABLE_SHARE * device_bytes - RESERVED_BYTES
     gib = lambda b: f"{b / GIB:.1f} GiB"
-    for stage in (1, 2, 3):
-        states = state_bytes(stage, trainable, frozen, ranks, block_gather)
+    options = [(1, False), (2, False), (3, block_gather)] + ([(3, False)] if block_gather else [])
+    for stage, blocks in options:
+        states = state_bytes(stage, trainable, frozen, ranks, blocks)
         if states + activations <= budget:
             lower = ", the lower stages' do not" if stage > 1 else ""
+            gather = "module" if block_gather and stage == 3 and not blocks else None
+            how = (" gathering a module at a time (train.zero3_gather=module: a block at a time does not fit)"
+                   if gather else "")
             return ZeroChoice(stage, f"model states {gib(states)} + activations ~{gib(activations)} fit "
-                                     f"{gib(budget)} usable of {gib(device_bytes)} per GPU at ZeRO-{stage}{lower} "
-                                     f"({ranks} rank(s))")
-    states = state_bytes(3, trainable, frozen, ranks, block_gather)
+                                     f"{gib(budget)} usable of {gib(device_bytes)} per GPU at ZeRO-{stage}{how}{lower} "
+                                     f"({ranks} rank(s))", gather=gather)
+    states = state_bytes(3, trainable, frozen, ranks, False)
     return ZeroChoice(3, f"model states {gib(states)} + activations ~{gib(activations)} exceed {gib(budget)} usable "
-                         f"of {gib(device_bytes)} per GPU even at ZeRO-3: lower data.batch_size, set "
-                         "train.activation_checkpointing=true or train.zero3_gather=module", fits=False)
+                         f"of {gib(device_bytes)} per GPU even at ZeRO-3 gathering a module at a time: lower "
+                         "data.batch_size or set train.activation_checkpointing=true", fits=False,
+                      gather="module" if block_gather else None)
 
 
 def zero_stage_for(cfg, model, device, world_size: int) -> ZeroChoice:

@@ -104,6 +104,8 @@ class Trainer:
         if cfg.train.engine == "deepspeed":  # train.zero_stage=auto becomes a stage here, for this whole job
             self.zero_choice = zero_stage_for(cfg, model, self.device, ranks.world_size)
             self.cfg = cfg = replaced(cfg, "train.zero_stage", self.zero_choice.stage)
+            if self.zero_choice.gather:
+                self.cfg = cfg = replaced(cfg, "train.zero3_gather", self.zero_choice.gather)
             if not self.zero_choice.fits and ranks.rank == 0:
                 log.warning("train.zero_stage=auto: %s", self.zero_choice.reason)
         model.vision.activation_checkpointing = model.text.activation_checkpointing = cfg.train.activation_checkpointing
