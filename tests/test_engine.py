@@ -246,6 +246,15 @@ def test_zero1_trains_as_zero2(zero2, base, tmp_path):
     assert losses(tmp_path / "run") == pytest.approx(losses(zero2[0]), rel=1e-5)
 
 
+def test_zero3_a_module_at_a_time_trains_as_a_block_at_a_time(straight, base, tmp_path):
+    """zero3_gather=module (what zero_stage=auto takes at ZeRO-3, and gradient accumulation): the text layers
+    gathered per Linear and LayerNorm with DeepSpeed's per-parameter reduction, the ViT blocks whole with their
+    reduction from each block's backward hook; the same losses as `straight` (every block whole, one coalesced
+    reduction after backward)."""
+    train(tmp_path / "run", base, "train.zero_stage=3", "train.zero3_gather=module")
+    assert losses(tmp_path / "run") == pytest.approx(losses(straight), rel=1e-5)
+
+
 def test_zero2_resumes_at_another_world_size_keeps_the_training_state(zero2, base, tmp_path):
     """Stages 1-2 reach DeepSpeed's universal form too (its converter needs a flag for our checkpoints)."""
     stopped = zero2[1]

@@ -26,7 +26,7 @@ class BertAttention(nn.Module):
     def __init__(self, dim: int, heads: int, kv_dim: int, backend: str, stats: AttentionStats, dropout: float = 0.0):
         super().__init__()
         self.heads, self.backend, self.stats, self.attn_dropout = heads, backend, stats, dropout
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout  # functional, as every dropout here: a parameter-less module costs ZeRO-3 hooks
         self.query = nn.Linear(dim, dim)
         self.key, self.value = nn.Linear(kv_dim, dim), nn.Linear(kv_dim, dim)
         self.out = nn.Linear(dim, dim)
@@ -40,7 +40,7 @@ class BertAttention(nn.Module):
         ctx = attention(q, k, v, key_padding_mask, causal, self.backend, self.stats,
                         self.attn_dropout if self.training else 0.0)
         ctx = ctx.transpose(1, 2).reshape(x.shape)
-        return self.norm(x + self.dropout(self.out(ctx)))
+        return self.norm(x + F.dropout(self.out(ctx), self.dropout, self.training))
 
 
 class FeedForward(nn.Module):
@@ -48,10 +48,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.norm = nn.LayerNorm(dim, eps=1e-12)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.dropout(self.down(F.gelu(self.up(x)))))
+        return self.norm(x + F.dropout(self.down(F.gelu(self.up(x))), self.dropout, self.training))
 
 
 class TextLayer(nn.Module):
@@ -81,7 +81,7 @@ class TextEmbeddings(nn.Module):
         self.position = nn.Embedding(dims.max_positions, dims.dim)
         self.token_type = nn.Embedding(1, dims.dim)  # kept so BERT checkpoints map; one segment only
         self.norm = nn.LayerNorm(dims.dim, eps=1e-12)
-        self.dropout = dims.dropout  # functional: a parameter-less module would still cost ZeRO-3 a hook per call
+        self.dropout = dims.dropout
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(ids.shape[1], device=ids.device)

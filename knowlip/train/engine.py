@@ -251,13 +251,8 @@ class ZeroEngine:
                                       betas=OPTIMIZER_BETAS)
         self.config = deepspeed_config(cfg, get_world_size(), accumulation, bf16, universal)
         self.block_gather = block_gather(cfg, self.stage, accumulation)
-        if self.block_gather:
-            from knowlip.model.text import TextLayer
-            from knowlip.model.vit import VitBlock
-
-            deepspeed.utils.set_z3_leaf_modules(model, [VitBlock, TextLayer])
-            for tower in model.momentum_towers():  # frozen, forward only: gathered whole, once per call
-                deepspeed.utils.set_z3_leaf_module(tower, True)
+        if self.stage == 3:
+            set_gather_units(model, self.block_gather)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.config, dist_init_required=False)
         self.module = self.engine.module
@@ -414,9 +409,29 @@ def _is_persistent(p) -> bool:
 def block_gather(cfg, stage, accumulation: int) -> bool:
     """train.zero3_gather=block at stage 3: each transformer block's weights gathered once per call of the block
     (a DeepSpeed leaf module) instead of once per Linear and LayerNorm in it, and each frozen momentum tower's
-    once per call of the tower (it runs forward only, once a step). It needs one micro-batch per step
+    once per call of the tower (set_gather_units). It needs one micro-batch per step
     (DeepSpeed's coalesced reduction spans one backward); with gradient accumulation, module gathering."""
     return stage == 3 and cfg.train.zero3_gather == "block" and accumulation == 1
+
+
+def set_gather_units(model: torch.nn.Module, whole_blocks: bool) -> None:
+    """What ZeRO-3 gathers in one fetch: DeepSpeed leaf modules, whose weights are gathered together around each
+    call, with no hooks inside. A trained leaf has its gradients reduced from its backward hook, once per call;
+    that holds for the ViT blocks (the image encoder runs once a step) and for anything frozen (the momentum
+    towers run forward only). The text layers run several times a step: as leaves (`whole_blocks`,
+    zero3_gather=block) only with the engine's one coalesced reduction after backward, else a module at a time.
+    With `whole_blocks` each momentum tower is gathered whole, else a block at a time (the memory-lean way)."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    from knowlip.model.text import TextLayer
+    from knowlip.model.vit import VitBlock
+
+    trained = (VitBlock, TextLayer) if whole_blocks else (VitBlock,)
+    leaves = [module for module in model.modules() if isinstance(module, trained)]
+    for tower in model.momentum_towers():
+        leaves += [tower] if whole_blocks else [module for module in tower.modules() if isinstance(module, TextLayer)]
+    for module in leaves:
+        set_z3_leaf_module(module, True)
 
 
 def build_engine(model: torch.nn.Module, cfg, device: torch.device, bf16: bool, accumulation: int,
