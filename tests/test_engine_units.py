@@ -432,10 +432,10 @@ def test_auto_on_the_model_sizes_and_gpus_of_a_table(tmp_path, monkeypatch):
 
     def by_hand(gib: float, batch: int, n: int) -> tuple[int, bool]:
         usable, activations = 0.9 * gib * 2**30 - 2**30, batch * 61.5 * 2**30 / 128
-        # ZeRO-3 gathering a block at a time (the default) holds whole bf16 gradients too (2P) and gathers a
-        # momentum tower whole (at most 2Q); a module at a time, neither
+        # ZeRO-3 gathering a block at a time (the default) holds whole bf16 gradients (2P) and the weights its
+        # linear layers keep for backward (2P) too, and gathers a momentum tower whole (2Q); a module at a time, none
         states = {(1, None): 4 * p + 2 * q + 12 * p / n, (2, None): 2 * p + 2 * q + 14 * p / n,
-                  (3, None): (16 * p + 2 * q) / n + 2 * p + 2 * q, (3, "module"): (16 * p + 2 * q) / n}
+                  (3, None): (16 * p + 2 * q) / n + 4 * p + 2 * q, (3, "module"): (16 * p + 2 * q) / n}
         fitting = [option for option, need in states.items() if need + activations <= usable]
         return (*fitting[0], True) if fitting else (3, "module", False)
 

@@ -33,14 +33,15 @@ class ZeroChoice:
 
 def state_bytes(stage: int, trainable: int, frozen: int, ranks: int, block_gather: bool = False) -> float:
     """Model states per GPU at `stage` (1, 2 or 3) over `ranks` data-parallel ranks. ZeRO-3 with block gathering
-    (train.zero3_gather=block) holds whole bf16 gradients until its one reduction pass (2P more) and gathers a
-    momentum tower whole for its call (counted as 2Q: the towers run one after the other, so this bounds it)."""
+    (train.zero3_gather=block), an upper bound: whole bf16 gradients until its one reduction pass (2P), the
+    gathered weights torch's linear keeps for backward (2P) and a momentum tower gathered whole for its call
+    (2Q; the towers run one after the other)."""
     p, q = trainable, frozen
     if stage == 1:
         return 2 * p + 2 * q + 2 * p + 12 * p / ranks
     if stage == 2:
         return 2 * p + 2 * q + 2 * p / ranks + 12 * p / ranks
-    return (2 * p + 2 * q + 2 * p + 12 * p) / ranks + (2 * p + 2 * q if block_gather else 0)
+    return (2 * p + 2 * q + 2 * p + 12 * p) / ranks + (4 * p + 2 * q if block_gather else 0)
 
 
 def _activation_units(dims, image_size: int, text_len: int) -> int:
