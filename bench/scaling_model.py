@@ -8,9 +8,10 @@
 Inputs, all printed with the table:
 - the measured single-GPU step (compute, from BENCHMARKS.md: `base` 224 px, batch 128 per GPU, one H100:
   0.411 s plain autocast step) and the measured ZeRO-3 host cost on one rank (0.94-1.00 s ZeRO-3 step vs that
-  plain step: ~0.55 s of parameter-hook bookkeeping a step, which no interconnect hides); for ZeRO-3 gathering a
-  block at a time (train.zero3_gather=block) that cost scaled by the Python calls of a `base` step counted on
-  the CPU (block / module, bench/train_step.py's count; a computed input, not a GPU measurement);
+  plain step: ~0.55 s of parameter-hook bookkeeping a step, which no interconnect hides), from ZeRO-3 as it
+  gathered then (a module at a time, 1,770 fetches); for ZeRO-3 now (a module or a block at a time, issue 26)
+  that cost scaled by the Python calls of a `base` step counted on the CPU, now against then
+  (bench/train_step.py's counts; computed inputs, not GPU measurements);
 - parameters from the model itself (trainable P, frozen momentum copies Q);
 - communication per GPU per step, ring collectives over N GPUs, bf16 on the wire:
     ZeRO-1 and ZeRO-2: gradients reduce-scattered, updated parameters all-gathered: 2 (N-1)/N * 2P bytes
@@ -40,9 +41,11 @@ from bench_io import JsonLines  # noqa: E402
 
 emit = JsonLines()
 GPUS = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
-# `base` ZeRO-3 step on the CPU (batch 2, one rank; bench/train_step.py's counts, BENCHMARKS.md): Python calls a
-# block at a time / a module at a time (the module count's fetches, 1,772, match the H100's 1,770)
-BLOCK_CALLS_RATIO, BLOCK_FETCHES = 679_076 / 1_263_662, 146
+# `base` ZeRO-3 steps on the CPU (batch 2, one rank; bench/train_step.py's counts, BENCHMARKS.md): Python calls and
+# fetches a step as ZeRO-3 gathered when the H100 measured its host cost (1,772 fetches there, 1,770 on the H100)
+# and as it gathers now, a module or a block at a time
+CALLS_THEN = 1_263_662
+NOW = {"module": (1_016_058, 1184), "block": (585_501, 146)}
 GIB = 2**30
 
 
@@ -69,8 +72,7 @@ class Workload:
     compute_s: float  # one GPU's step without communication
     zero3_host_s: float  # ZeRO-3's per-step host bookkeeping (measured on one rank)
     zero3_collectives: int  # fetched modules per step (each its own all-gather)
-    zero3_block_host_s: float  # the same gathering a block at a time (scaled by Python calls)
-    zero3_block_collectives: int  # fetched blocks and modules per step, a block at a time
+    zero3_now: dict  # gather mode -> (host s, fetches) of ZeRO-3 now (host scaled by Python calls)
     bucket_bytes: float = 5e8  # ZeRO-1/2 gradient buckets
 
 
@@ -82,17 +84,23 @@ def comm_bytes(stage: int, w: Workload, n: int) -> float:
     return ring * 2 * (3 * w.trainable + w.frozen)
 
 
-def collectives(stage: int, w: Workload, gather: str = "module") -> int:
+def zero3_costs(w: Workload, gather: str) -> tuple[float, int]:
+    """(host s, fetches) a step: "then" as measured on the H100, "module" and "block" now, "free" as if the hooks
+    cost nothing."""
+    if gather in w.zero3_now:
+        return w.zero3_now[gather]
+    return (0.0 if gather == "free" else w.zero3_host_s), w.zero3_collectives
+
+
+def collectives(stage: int, w: Workload, gather: str = "then") -> int:
     if stage in (1, 2):
         return 2 * max(1, math.ceil(2 * w.trainable / w.bucket_bytes))
-    fetches = w.zero3_block_collectives if gather == "block" else w.zero3_collectives
-    return fetches + max(1, math.ceil(2 * w.trainable / w.bucket_bytes))
+    return zero3_costs(w, gather)[1] + max(1, math.ceil(2 * w.trainable / w.bucket_bytes))
 
 
-def step_time(stage: int, w: Workload, m: Machine, n: int, overlap: bool, gather: str = "module") -> dict:
-    """gather (ZeRO-3): "module" as measured, "block" a block at a time, "free" as if its hooks cost nothing."""
+def step_time(stage: int, w: Workload, m: Machine, n: int, overlap: bool, gather: str = "then") -> dict:
     comm = comm_bytes(stage, w, n) / m.bandwidth(n) + collectives(stage, w, gather) * m.latency(n)
-    host = {"module": w.zero3_host_s, "block": w.zero3_block_host_s, "free": 0.0}[gather] if stage == 3 else 0.0
+    host = zero3_costs(w, gather)[0] if stage == 3 else 0.0
     if overlap:
         exposed = comm / collectives(stage, w, gather)  # one collective's worth cannot hide
         step = host + max(w.compute_s, comm) + exposed
@@ -101,15 +109,14 @@ def step_time(stage: int, w: Workload, m: Machine, n: int, overlap: bool, gather
     return {"step_s": step, "comm_s": comm, "efficiency": w.compute_s / step}
 
 
-def state_gib(stage: int, w: Workload, n: int, gather: str = "module") -> float:
+def state_gib(stage: int, w: Workload, n: int, gather: str = "then") -> float:
     """Model states per GPU: the package's memory model (knowlip.train.memory_model, what zero_stage=auto uses)."""
     from knowlip.train.memory_model import state_bytes
 
     return state_bytes(stage, w.trainable, w.frozen, n, block_gather=gather == "block") / GIB
 
 
-def workload(preset_name: str, compute_s: float, zero3_host_s: float, zero3_collectives: int,
-             block_calls_ratio: float, block_collectives: int) -> Workload:
+def workload(preset_name: str, compute_s: float, zero3_host_s: float, zero3_collectives: int) -> Workload:
     from knowlip.model.dims import preset
     from knowlip.model.sar_knowlip import SarKnowLIP, SpecialTokens
 
@@ -117,15 +124,15 @@ def workload(preset_name: str, compute_s: float, zero3_host_s: float, zero3_coll
     model = SarKnowLIP(preset(preset_name), vocab, SpecialTokens(0, 2, 3, 4, 5, 6), attention_backend="sdpa")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return Workload(trainable, frozen, compute_s, zero3_host_s, zero3_collectives,
-                    round(zero3_host_s * block_calls_ratio, 3), block_collectives)
+    now = {gather: (round(zero3_host_s * calls / CALLS_THEN, 3), fetches) for gather, (calls, fetches) in NOW.items()}
+    return Workload(trainable, frozen, compute_s, zero3_host_s, zero3_collectives, now)
 
 
 MACHINES = [Machine("NVLink + 400 Gb/s per GPU", 360, 400 / 8 * 0.8), Machine("NVLink + 200 Gb/s per GPU", 360, 200 / 8 * 0.8)]
 
 
-CASES = [("ZeRO-1", 1, "module"), ("ZeRO-2", 2, "module"), ("ZeRO-3", 3, "module"),
-         ("ZeRO-3, a block at a time", 3, "block"),
+CASES = [("ZeRO-1", 1, "then"), ("ZeRO-2", 2, "then"), ("ZeRO-3 (as measured)", 3, "then"),
+         ("ZeRO-3 now, a module at a time", 3, "module"), ("ZeRO-3 now, a block at a time", 3, "block"),
          ("ZeRO-3, hooks free", 3, "free")]  # the last: as if ZeRO-3's host bookkeeping cost nothing
 
 
@@ -145,18 +152,18 @@ def table(w: Workload) -> list[dict]:
 
 def print_table(rows: list[dict], w: Workload) -> None:
     print(f"P = {w.trainable / 1e6:.1f} M trainable, Q = {w.frozen / 1e6:.1f} M frozen (momentum); compute "
-          f"{w.compute_s} s/step; ZeRO-3 host {w.zero3_host_s} s/step, {w.zero3_collectives} gathers/step; "
-          f"a block at a time {w.zero3_block_host_s} s/step, {w.zero3_block_collectives} gathers/step")
+          f"{w.compute_s} s/step; ZeRO-3 host {w.zero3_host_s} s/step, {w.zero3_collectives} gathers/step; now "
+          + ", ".join(f"a {g} at a time {h} s/step, {f} gathers/step" for g, (h, f) in w.zero3_now.items()))
     for m in MACHINES:
         print(f"\n{m.name}: efficiency (step s) with overlap | without")
-        print(f"{'GPUs':>6}" + "".join(f"{label:>26}" for label, _, _ in CASES))
+        print(f"{'GPUs':>6}" + "".join(f"{label:>32}" for label, _, _ in CASES))
         for n in GPUS:
             cells = []
             for label, _, _ in CASES:
                 on, off = (next(r for r in rows if r["machine"] == m.name and r["case"] == label and
                                 r["overlap"] == ov and r["gpus"] == n) for ov in (True, False))
                 cells.append(f"{on['efficiency']:.2f} ({on['step_s']:.3f}) | {off['efficiency']:.2f}")
-            print(f"{n:>6}" + "".join(f"{c:>26}" for c in cells))
+            print(f"{n:>6}" + "".join(f"{c:>32}" for c in cells))
     print("\nmodel states per GPU (GiB), N = 8 / 4096:",
           ", ".join(f"ZeRO-{s}: {state_gib(s, w, 8):.1f} / {state_gib(s, w, 4096):.2f}" for s in (1, 2, 3)),
           f"; ZeRO-3 a block at a time: {state_gib(3, w, 8, 'block'):.1f} / {state_gib(3, w, 4096, 'block'):.2f}")
@@ -170,8 +177,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(MACHINES), figsize=(13, 4.8), sharey=True)
     for ax, m in zip(axes, MACHINES):
-        for (label, _, _), color, width in zip(CASES, ("tab:blue", "tab:green", "tab:red", "tab:purple", "tab:orange"),
-                                               (4, 2, 2, 2, 2)):
+        for (label, _, _), color, width in zip(CASES, ("tab:blue", "tab:green", "tab:red", "tab:brown", "tab:purple",
+                                                          "tab:orange"), (4, 2, 2, 2, 2, 2)):
             for overlap, style in ((True, "-"), (False, "--")):
                 pts = [r for r in rows if r["machine"] == m.name and r["case"] == label and r["overlap"] == overlap]
                 ax.plot([r["gpus"] for r in pts], [r["efficiency"] for r in pts], style, color=color, linewidth=width,
@@ -182,7 +189,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("scaling efficiency (compute / step)")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7.5, ncol=2, loc="lower left")
     fig.suptitle("SAR-KnowLIP base, 224 px, batch 128 per GPU: predicted data-parallel scaling")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,10 +312,6 @@ def main() -> int:
     parser.add_argument("--compute-s", type=float, default=0.411, help="one GPU's step (H100, base 224 px, batch 128)")
     parser.add_argument("--zero3-host-s", type=float, default=0.55, help="ZeRO-3 host cost per step (one H100 rank)")
     parser.add_argument("--zero3-collectives", type=int, default=1770, help="fetched modules per step (cProfile)")
-    parser.add_argument("--zero3-block-calls-ratio", type=float, default=BLOCK_CALLS_RATIO,
-                        help="Python calls of a base ZeRO-3 step, a block at a time / a module at a time (CPU count)")
-    parser.add_argument("--zero3-block-collectives", type=int, default=BLOCK_FETCHES,
-                        help="fetches of a base ZeRO-3 step a block at a time (CPU count)")
     parser.add_argument("--plot", type=Path, default=Path("runs/scaling_model.png"))
     parser.add_argument("--cross-check", action="store_true", help="measure 1 and 2 gloo ranks here and compare")
     parser.add_argument("--two-hosts", action="store_true",
@@ -324,8 +327,7 @@ def main() -> int:
     if args.cross_check:
         emit(cross_check(args.steps, args.two_hosts))
         return 0
-    w = workload(args.preset, args.compute_s, args.zero3_host_s, args.zero3_collectives, args.zero3_block_calls_ratio,
-                 args.zero3_block_collectives)
+    w = workload(args.preset, args.compute_s, args.zero3_host_s, args.zero3_collectives)
     rows = table(w)
     if args.out:
         with args.out.open("a") as f:
