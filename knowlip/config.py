@@ -218,11 +218,12 @@ class TrainConfig:
     # auto: the lowest stage whose model states + estimated activations fit the GPU (knowlip.train.memory_model);
     # ZeRO-3 on a CPU; a resumed run keeps its saved stage. The choice and its reason are logged and recorded.
     zero_stage: Any = "auto"
-    # ZeRO-3's weight gathering: "block" fetches a ViT block's or text layer's weights once per call of it, and a
-    # frozen momentum tower's whole (5x fewer fetches, 41% fewer Python calls a step than "module", DeepSpeed's
-    # default: once per Linear and LayerNorm; BENCHMARKS.md), and reduces all gradients in one pass after
-    # backward, so full gradients live until then: it saves less memory than ZeRO-2, so zero_stage=auto, where it
-    # lands on ZeRO-3, gathers a module at a time. "module" also with gradient accumulation (block needs one
+    # ZeRO-3's weight gathering. "block": a ViT block's or text layer's weights once per call of it and a frozen
+    # momentum tower's whole; all gradients reduced in one pass after backward (whole gradients live until then)
+    # and torch's linear (gathered weights kept for backward): 3.7x fewer fetches and 37% fewer Python calls a
+    # step than "module" (BENCHMARKS.md), but more memory than ZeRO-2, so zero_stage=auto, where it lands on
+    # ZeRO-3, gathers a module at a time. "module": once per Linear and LayerNorm (DeepSpeed's way), the ViT
+    # blocks and the momentum towers' blocks whole; also the mode with gradient accumulation (block needs one
     # micro-batch per step).
     zero3_gather: str = "block"
     # Samples per optimiser step over all ranks; None = data.batch_size x world size (no accumulation).

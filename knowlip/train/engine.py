@@ -82,8 +82,8 @@ def deepspeed_config(cfg, world_size: int, accumulation: int, bf16: bool, univer
         # Overlap the gradient reduction with backward: DeepSpeed's default at stage 3, not below it.
         "zero_optimization": {"stage": stage, "overlap_comm": True,
                               # DeepSpeed's memory-efficient linear keeps no gathered weight alive for backward;
-                              # a block at a time holds whole gradients anyway (memory_model), so torch's linear
-                              # (no wrapper in every call, 10% of that step's Python calls)
+                              # a block at a time, for speed, takes torch's (no wrapper around every call: 10% of
+                              # that step's Python calls; memory_model counts the weights it keeps)
                               **({"memory_efficient_linear": False} if block_gather(cfg, stage, accumulation) else {})},
         "bf16": {"enabled": bf16, "check_grad_overflow": True},  # stages 1-2 skip non-finite steps only so
         "fp16": {"enabled": False},
