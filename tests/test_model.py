@@ -378,7 +378,7 @@ def test_momentum_update_and_queue():
 def test_dropout_as_blip_configurable_and_off_in_eval():
     images, ids, att, _ = batch()
     m = tiny(drop_path=0.2)
-    assert m.text.layers[0].ffn.dropout.p == 0.1 and m.text.layers[0].self_attn.attn_dropout == 0.1
+    assert m.text.layers[0].ffn.dropout == 0.1 and m.text.layers[0].self_attn.attn_dropout == 0.1
     assert [round(b.drop_path_rate, 3) for b in m.vision.blocks] == [0.0, 0.2]  # rising with depth
     assert not torch.equal(m.encode_text(ids, att), m.encode_text(ids, att))  # train: dropout draws
     assert not torch.equal(m.vision(images), m.vision(images))  # train: the last block's branches dropped
@@ -534,6 +534,7 @@ def test_build_model_takes_the_pretrained_text_shape_beside_a_tiny_vit(tmp_path)
     model in the checkpoint's shape instead of failing on the first weight."""
     from knowlip.config import load_config
     from knowlip.model.build import build_model
+    from knowlip.model.text import BertAttention, FeedForward, TextEmbeddings
     from knowlip.text.tokenizer import load_tokenizer
 
     path = _minilm_dir()
@@ -543,7 +544,8 @@ def test_build_model_takes_the_pretrained_text_shape_beside_a_tiny_vit(tmp_path)
     assert len(model.text.layers) == 6 and model.text.embeddings.word.weight.shape == (30524, 384)
     assert model.text.layers[0].self_attn.query.weight.shape == (384, 384)
     assert model.vision.blocks[0].attn.qkv.weight.shape[1] == preset("tiny").vision.dim  # the ViT stays tiny
-    dropouts = {m.p for m in model.text.modules() if isinstance(m, torch.nn.Dropout)}
+    dropouts = {m.dropout for m in model.text.modules() if isinstance(m, (BertAttention, FeedForward, TextEmbeddings))}
+    dropouts |= {m.attn_dropout for m in model.text.modules() if isinstance(m, BertAttention)}
     assert dropouts == {0.05}  # the configured dropout, not the checkpoint's
 
 
