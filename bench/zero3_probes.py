@@ -6,10 +6,9 @@ on a throwaway copy of the model, to size the next change before it is built.
 
 Probes (each in its own engine, all at train.zero3_gather=block, ZeRO-3, one rank):
 - `now`: knowlip's ZeRO-3 step as it is.
-- `flat`: one flat parameter per ViT block and text layer (and per decay class, and cross-attention apart so
-  that the momentum copies, which have none, still pair by name), the layers' weights bound as views of it at
-  each call, as FSDP does. Not in knowlip: it renames every parameter of a checkpoint, an export and the
-  pretrained-weight maps. Its losses are compared with `now`'s.
+- `flat`: one flat parameter per ViT block and text layer and decay class (bench/flat_params.py, as FSDP lays
+  them out). Not in knowlip: it renames every parameter of a checkpoint, an export and the pretrained-weight
+  maps. Its losses are compared with `now`'s. The GPU step plan times it too (`zero3_flat`).
 - `vision_leaf`: the whole image encoder as one DeepSpeed leaf module. Expected to fail: a leaf reduces its
   gradients from a backward hook on an input that requires grad (DeepSpeed PR #5074), and the encoder's only
   input, the images, does not; the error is printed.
@@ -23,68 +22,23 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402
-from knowlip.model.text import TextLayer  # noqa: E402
-from knowlip.model.vit import VitBlock  # noqa: E402
-
-FUSION = ("cross_attn", "dec_self_attn")  # what a momentum text layer does not have
-
-
-def flatten_parameters(unit: nn.Module) -> None:
-    """Replace `unit`'s parameters with one flat parameter per group, bound back as views before each call."""
-    groups: dict[str, list[tuple[nn.Module, str, torch.Tensor]]] = {}
-    for path, sub in unit.named_modules():
-        for name, p in list(sub._parameters.items()):
-            if p is None:
-                continue
-            key = ("fusion_" if path.split(".")[0] in FUSION else "") + ("no_decay" if p.dim() < 2 else "decay")
-            groups.setdefault(key, []).append((sub, name, p))
-    views = []
-    for key, members in groups.items():
-        flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for _, _, p in members]),
-                            requires_grad=members[0][2].requires_grad)
-        unit.register_parameter(f"flat_{key}", flat)
-        offset = 0
-        for sub, name, p in members:
-            del sub._parameters[name]
-            views.append((f"flat_{key}", sub, name, offset, p.shape))
-            offset += p.numel()
-
-    def bind(*_):
-        for flat_name, sub, name, offset, shape in views:
-            size = shape.numel()
-            sub.__dict__[name] = getattr(unit, flat_name)[offset : offset + size].view(shape)
-
-    bind()
-    unit.forward = _bound(unit.forward, bind)  # after DeepSpeed's pre-forward hook has gathered the flat weights
-
-
-def _bound(forward, bind):
-    def call(*args, **kwargs):
-        bind()
-        return forward(*args, **kwargs)
-    return call
-
 
 def run(probe: str, args) -> dict:
     build_engine = train_step.build_engine
 
-    def patched(model, *a, **k):
-        if probe == "flat":
-            for unit in [m for m in model.modules() if isinstance(m, (VitBlock, TextLayer))]:
-                flatten_parameters(unit)
-        if probe == "vision_leaf":
-            from deepspeed.utils import set_z3_leaf_module
-            set_z3_leaf_module(model.vision, True)
+    def vision_leaf(model, *a, **k):
+        from deepspeed.utils import set_z3_leaf_module
+
+        set_z3_leaf_module(model.vision, True)
         return build_engine(model, *a, **k)
 
-    train_step.build_engine = patched
+    train_step.build_engine = vision_leaf if probe == "vision_leaf" else build_engine
     try:
         engine, _, vocab = train_step.build("deepspeed", args.size, args.image_size, args.batch, args.text_len,
-                                            torch.device("cpu"), False)
+                                            torch.device("cpu"), False, flat_blocks=probe == "flat")
     finally:
         train_step.build_engine = build_engine
     inputs = train_step.random_batch(args.batch, args.image_size, args.text_len, vocab, torch.device("cpu"),

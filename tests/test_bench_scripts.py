@@ -57,7 +57,7 @@ def test_zero3_probes_size_the_flat_parameter_lever_and_show_why_the_encoder_is_
     now, flat = rows["now"], rows["flat"]
     assert flat["params"] < now["params"] / 3 and flat["calls"] < now["calls"]
     assert flat["phases"]["optimizer_step"] < now["phases"]["optimizer_step"] / 2  # per-parameter work
-    assert rows["flat_vs_now"]["largest_loss_difference"] < 1e-4  # the same training, fewer parameters
+    assert rows["flat_vs_now"]["largest_loss_difference"] <= 1e-6  # the same training (weight decay too)
     # A DeepSpeed leaf needs an input that requires grad (PR #5074): if this starts to pass, the lever is open.
     assert "Cannot reduce scatter" in rows["vision_leaf"]["failed"]
 
