@@ -16,10 +16,11 @@
 #                                               # torch's linear instead of DeepSpeed's; each profiled
 #   GPU_CHECK_PLAN=step bash bench/gpu_check.sh # the step only (the kernel checks and timing skipped): plain with
 #                                               # bf16 weights, ZeRO-3 (a block at a time, then a module at a
-#                                               # time: after and before issue 26; a block at a time with one flat
-#                                               # parameter per block, the probe of bench/flat_params.py) and
-#                                               # ZeRO-2 at batch 128 on the same card, ZeRO-3 under DeepCompile, then bf16 weights and ZeRO-2
-#                                               # at their largest batch, then bf16 weights compiled; each profiled
+#                                               # time: after and before issue 26's first pass; a block at a time
+#                                               # in flat parameters, zero3_gather=flat, the default) and ZeRO-2 at
+#                                               # batch 128 on the same card, ZeRO-3 under DeepCompile, then bf16
+#                                               # weights and ZeRO-2 at their largest batch, then bf16 weights
+#                                               # compiled; each profiled
 #                                               # (the ZeRO cases with their Python calls by phase)
 #
 # The device machines lack deepspeed, omegaconf and their needs: put their wheels in .whl/ (see BENCHMARKS.md)
@@ -70,8 +71,8 @@ else
     "plain|--batches 224:128 --groups plain/224/eager"
     "plain_bf16_weights|--batches 224:128 --groups plain/224/eager --override train.precision=bf16_weights"
     "plain_bf16_weights_search|--groups plain/224/eager --override train.precision=bf16_weights"
-    "zero3|--batches 224:128 --groups deepspeed/224/eager"
-    "zero3_flat|--batches 224:128 --groups deepspeed/224/eager --flat-blocks"
+    "zero3|--batches 224:128 --groups deepspeed/224/eager --override train.zero3_gather=block"
+    "zero3_flat|--batches 224:128 --groups deepspeed/224/eager --override train.zero3_gather=flat"
     "zero3_module|--batches 224:128 --groups deepspeed/224/eager --override train.zero3_gather=module"
     "zero3_deepcompile|--batches 224:128 --groups deepspeed/224/eager --override deepspeed.compile.deepcompile=true --override train.zero3_gather=module"
     "zero3_persistent|--batches 224:128 --groups deepspeed/224/eager --override deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7"
@@ -127,8 +128,7 @@ from train_step import print_table
 print_table(rows("train_step.jsonl"))
 for r in rows("train_step.jsonl"):
     if "profile" in r:
-        print(f"  profile {r['engine']}{' ' + ' '.join(r['overrides']) if r.get('overrides') else ''}"
-              f"{' flat_blocks' if r.get('flat_blocks') else ''}: GPU busy "
+        print(f"  profile {r['engine']}{' ' + ' '.join(r['overrides']) if r.get('overrides') else ''}: GPU busy "
               f"{r['gpu_busy_share']:.0%} of {r['wall_s']} s wall ({r['cuda_kernels_s']} s of kernels, 2 steps)")
 EOF
 exit $status

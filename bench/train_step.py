@@ -37,7 +37,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_io import JsonLines  # noqa: E402
-from flat_params import flatten_blocks  # noqa: E402
 from knowlip.config import load_config  # noqa: E402
 from knowlip.launch.local import RankEnv, free_port  # noqa: E402
 from knowlip.model.dims import preset  # noqa: E402
@@ -97,10 +96,9 @@ def device_name(device: torch.device) -> str:
 
 
 def build(engine_name: str, size: str, image_size: int, batch: int, text_len: int, device: torch.device,
-          bf16: bool, compile_blocks: bool = False, overrides: tuple[str, ...] = (), flat_blocks: bool = False):
+          bf16: bool, compile_blocks: bool = False, overrides: tuple[str, ...] = ()):
     """(engine, dims, vocab) of a fresh model, built as the trainer builds it (`overrides` may set
-    train.precision=bf16_weights: the plain engine's bf16 weights with float32 masters). `flat_blocks`: the
-    probe layout of bench/flat_params.py, not knowlip's."""
+    train.precision=bf16_weights: the plain engine's bf16 weights with float32 masters)."""
     cfg = load_config(None, [f"train.engine={engine_name}", f"model.size={size}", f"model.image_size={image_size}",
                              f"data.batch_size={batch}", f"data.max_text_len={text_len}", "train.grad_clip=1.0",
                              "train.zero_stage=3", *overrides])  # "deepspeed" here means ZeRO-3 unless overridden
@@ -108,8 +106,6 @@ def build(engine_name: str, size: str, image_size: int, batch: int, text_len: in
     dims = preset(size, image_size=image_size)
     vocab = VOCAB[size]
     model = SarKnowLIP(dims, vocab, SpecialTokens(0, 2, 3, 4, 5, 6), attention_backend="auto")
-    if flat_blocks:
-        flatten_blocks(model)
     if compile_blocks:
         for block in [*model.vision.blocks, *model.text.layers]:
             block.compile()
@@ -316,8 +312,7 @@ def gpu_group(spec: dict) -> None:
     first = batches.get("off") or candidates[0]
     t0 = time.perf_counter()
     overrides = tuple(spec.get("overrides") or ())
-    engine, dims, vocab = build(engine_name, size, image, first, text_len, device, True, spec["compile"], overrides,
-                                spec.get("flat_blocks", False))
+    engine, dims, vocab = build(engine_name, size, image, first, text_len, device, True, spec["compile"], overrides)
     build_s = time.perf_counter() - t0
     model = engine.module
     for ac in [ac for ac in (False, True) if spec.get("ac", "both") in ("both", "on" if ac else "off")]:
@@ -325,7 +320,7 @@ def gpu_group(spec: dict) -> None:
         model.vision.activation_checkpointing = model.text.activation_checkpointing = ac
         row = {"bench": "train_step", "engine": engine_name, "preset": size, "image_size": image,
                "text_len": text_len, "precision": "bf16", "compile": spec["compile"], "activation_checkpointing": ac,
-               "overrides": list(overrides), "flat_blocks": spec.get("flat_blocks", False),
+               "overrides": list(overrides),
                "device": device_name(device), "torch": torch.__version__}
         t0 = time.perf_counter()
         if spec.get("search"):  # upward from the last batch that fitted (checkpointing only lowers memory)
@@ -363,8 +358,7 @@ def gpu_group(spec: dict) -> None:
         print(json.dumps(row), flush=True)
         if spec.get("profile_out") and not ac:
             busy = profile_top_kernels(engine, inputs, device, Path(spec["profile_out"]))
-            print(json.dumps({**{k: row[k] for k in ("bench", "engine", "image_size", "batch_size", "overrides",
-                                                     "flat_blocks")},
+            print(json.dumps({**{k: row[k] for k in ("bench", "engine", "image_size", "batch_size", "overrides")},
                               "profile": spec["profile_out"], **busy}), flush=True)
 
 
@@ -401,7 +395,7 @@ def gpu_driver(args) -> int:
             emit({"bench": "train_step", "group": label, "skipped": f"{left:.0f} s left of --budget-s"})
             continue
         search = not compiled and image not in batches  # the first eager group of a size, unless --batches
-        spec = {"ac": args.ac, "overrides": args.override, "flat_blocks": args.flat_blocks, "engine": engine_name, "image_size": image, "text_len": args.text_len, "compile": compiled,
+        spec = {"ac": args.ac, "overrides": args.override, "engine": engine_name, "image_size": image, "text_len": args.text_len, "compile": compiled,
                 "device": device.type, "preset": size, "candidates": candidates[image],
                 "steps": args.steps, "ceiling": ceiling, "search": search, "batches": batches.get(image),
                 "profile_out": str(args.profile_out) if args.profile_out and image == 224 and not profiled else None}
@@ -435,7 +429,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if "median_step_s" in r:
             num = lambda key, width, digits: f"{r[key]:>{width}.{digits}f}" if r.get(key) is not None else f"{'-':>{width}}"
-            print(f"{r['engine'] + ('+' if r.get('overrides') or r.get('flat_blocks') else ''):<10}{r['image_size']:>5}{str(r['compile'])[0]:>8}{str(r['activation_checkpointing'])[0]:>4}"
+            print(f"{r['engine'] + ('+' if r.get('overrides') else ''):<10}{r['image_size']:>5}{str(r['compile'])[0]:>8}{str(r['activation_checkpointing'])[0]:>4}"
                   f"{r['batch_size']:>7}{num('median_step_s', 8, 3)}{num('samples_per_s', 8, 1)}"
                   f"{num('tflops_per_s', 9, 1)}{num('mfu', 7, 3)}{num('mfu_vs_ceiling', 7, 3)}{num('peak_mem_gib', 9, 1)}")
         elif r.get("bench") == "matmul_ceiling":
@@ -461,8 +455,6 @@ def main() -> int:
     parser.add_argument("--batches", default="", help="GPU grid: batches instead of the search, e.g. 224:128,512:64")
     parser.add_argument("--override", action="append", default=[],
                         help="config dotlist for every case, e.g. deepspeed.zero_optimization.stage3_param_persistence_threshold=1e7")
-    parser.add_argument("--flat-blocks", action="store_true",
-                        help="GPU grid: the probe layout of bench/flat_params.py (one flat parameter per block)")
     args = parser.parse_args()
     emit.out = args.out
     if args.group:
@@ -481,16 +473,19 @@ def main() -> int:
     results = []
     # ZeRO-2 before ZeRO-3: building a ZeRO-3 engine replaces torch.nn.functional.linear for the whole process
     # (DeepSpeed's memory-efficient linear), which would count against every engine built after it
-    cases = (("plain", None, "block"), ("deepspeed", 2, "block"), ("deepspeed", 3, "block"), ("deepspeed", 3, "module"))
+    cases = (("plain", None, "block"), ("deepspeed", 2, "block"), ("deepspeed", 3, "flat"), ("deepspeed", 3, "block"),
+             ("deepspeed", 3, "module"))
     for engine_name, stage, gather in cases:
         results.append(run_case(engine_name, "tiny", 64, 16, 128, args.steps, device, bf16=False, zero_stage=stage,
                                 gather=gather))
         emit(results[-1])
-    plain, zero2, zero3, zero3_module = results
+    plain, zero2, zero3, zero3_block, zero3_module = results
     ratio = lambda key, r: round(r[key] / plain[key], 2)
     emit({"bench": "zero_overhead", "preset": "tiny", "zero3_vs_plain": ratio("median_step_s", zero3),
+          "zero3_block_vs_plain": ratio("median_step_s", zero3_block),
           "zero3_module_vs_plain": ratio("median_step_s", zero3_module), "zero2_vs_plain": ratio("median_step_s", zero2),
           "zero3_calls_vs_plain": ratio("python_calls_per_step", zero3),
+          "zero3_block_calls_vs_plain": ratio("python_calls_per_step", zero3_block),
           "zero3_module_calls_vs_plain": ratio("python_calls_per_step", zero3_module),
           "zero2_calls_vs_plain": ratio("python_calls_per_step", zero2)})
     return 0

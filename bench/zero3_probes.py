@@ -1,14 +1,13 @@
-"""Probes of ZeRO-3 levers that are not in knowlip (issue 26): what each would do to a step's Python calls, measured
-on a throwaway copy of the model, to size the next change before it is built.
+"""Probes of ZeRO-3 levers (issue 26): what each does to a step's Python calls and to its losses, measured on a
+fresh model, to size a change before it is built (and to check it after).
 
     .venv/bin/python bench/zero3_probes.py                 # tiny, one rank, CPU
     .venv/bin/python bench/zero3_probes.py --size base --image-size 224 --batch 2
 
-Probes (each in its own engine, all at train.zero3_gather=block, ZeRO-3, one rank):
-- `now`: knowlip's ZeRO-3 step as it is.
-- `flat`: one flat parameter per ViT block and text layer and decay class (bench/flat_params.py, as FSDP lays
-  them out). Not in knowlip: it renames every parameter of a checkpoint, an export and the pretrained-weight
-  maps. Its losses are compared with `now`'s. The GPU step plan times it too (`zero3_flat`).
+Probes (each in its own engine, ZeRO-3, one rank):
+- `now`: knowlip's ZeRO-3 step a block at a time (train.zero3_gather=block).
+- `flat`: train.zero3_gather=flat, each block's weights in a few flat parameters (knowlip.train.param_layout,
+  as FSDP lays them out). Its losses are compared with `now`'s. The GPU step plan times it too (`zero3_flat`).
 - `vision_leaf`: the whole image encoder as one DeepSpeed leaf module. Expected to fail: a leaf reduces its
   gradients from a backward hook on an input that requires grad (DeepSpeed PR #5074), and the encoder's only
   input, the images, does not; the error is printed.
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402
 
+
 def run(probe: str, args) -> dict:
     build_engine = train_step.build_engine
 
@@ -36,9 +36,10 @@ def run(probe: str, args) -> dict:
         return build_engine(model, *a, **k)
 
     train_step.build_engine = vision_leaf if probe == "vision_leaf" else build_engine
+    overrides = ("train.zero3_gather=flat",) if probe == "flat" else ()
     try:
         engine, _, vocab = train_step.build("deepspeed", args.size, args.image_size, args.batch, args.text_len,
-                                            torch.device("cpu"), False, flat_blocks=probe == "flat")
+                                            torch.device("cpu"), False, overrides=overrides)
     finally:
         train_step.build_engine = build_engine
     inputs = train_step.random_batch(args.batch, args.image_size, args.text_len, vocab, torch.device("cpu"),

@@ -218,14 +218,17 @@ class TrainConfig:
     # auto: the lowest stage whose model states + estimated activations fit the GPU (knowlip.train.memory_model);
     # ZeRO-3 on a CPU; a resumed run keeps its saved stage. The choice and its reason are logged and recorded.
     zero_stage: Any = "auto"
-    # ZeRO-3's weight gathering. "block": a ViT block's or text layer's weights once per call of it and a frozen
-    # momentum tower's whole; all gradients reduced in one pass after backward (whole gradients live until then)
-    # and torch's linear (gathered weights kept for backward): 3.7x fewer fetches and 37% fewer Python calls a
-    # step than "module" (BENCHMARKS.md), but more memory than ZeRO-2, so zero_stage=auto, where it lands on
-    # ZeRO-3, gathers a module at a time. "module": once per Linear and LayerNorm (DeepSpeed's way), the ViT
-    # blocks and the momentum towers' blocks whole; also the mode with gradient accumulation (block needs one
-    # micro-batch per step).
-    zero3_gather: str = "block"
+    # ZeRO-3's weight gathering. "flat": a block at a time (below), each block's weights in a few flat parameters
+    # (knowlip.train.param_layout): the same losses bit for bit, 0.54x the Python calls of "block" a step on tiny,
+    # 0.40x on base (BENCHMARKS.md); its checkpoints resume only as flat. "block": a ViT block's or text layer's
+    # weights once per call of it and a frozen momentum tower's whole, one weight per parameter; all gradients
+    # reduced in one pass after backward (whole gradients live until then) and torch's linear (gathered weights
+    # kept for backward): more memory than ZeRO-2, so zero_stage=auto, where it lands on ZeRO-3, gathers a module
+    # at a time. "module": once per Linear and LayerNorm (DeepSpeed's way), the ViT blocks and the momentum
+    # towers' blocks whole; also the mode with gradient accumulation (flat and block need one micro-batch a step).
+    # "auto": flat; a run resumed from a checkpoint with one weight per parameter keeps it (block); module with
+    # gradient accumulation. The choice and its reason are logged.
+    zero3_gather: str = "auto"
     # Samples per optimiser step over all ranks; None = data.batch_size x world size (no accumulation).
     # Must be a multiple of data.batch_size x world size: the quotient is the gradient-accumulation count.
     global_batch_size: Optional[int] = None
@@ -349,7 +352,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "bf16_weights", "fp32"),
     "train.engine": ("deepspeed", "plain"),
-    "train.zero3_gather": ("block", "module"),
+    "train.zero3_gather": ("auto", "flat", "block", "module"),
     "model.losses.itc_columns": ("momentum", "online"),
     "model.losses.itm_negatives": ("blip_pretrain", "blip_retrieval"),
     "dist.backend": ("auto", "gloo", "nccl"),

@@ -247,12 +247,36 @@ def test_zero1_trains_as_zero2(zero2, base, tmp_path):
 
 
 def test_zero3_a_module_at_a_time_trains_as_a_block_at_a_time(straight, base, tmp_path):
-    """zero3_gather=module (what zero_stage=auto takes at ZeRO-3, and gradient accumulation): the text layers
-    gathered per Linear and LayerNorm with DeepSpeed's per-parameter reduction, the ViT blocks whole with their
-    reduction from each block's backward hook; the same losses as `straight` (every block whole, one coalesced
-    reduction after backward)."""
+    """zero3_gather=module (what zero_stage=auto takes at ZeRO-3 for memory, and gradient accumulation): the text
+    layers gathered per Linear and LayerNorm with DeepSpeed's per-parameter reduction, the ViT blocks whole with
+    their reduction from each block's backward hook; the same losses as `straight` (flat: every block whole, one
+    coalesced reduction after backward)."""
     train(tmp_path / "run", base, "train.zero_stage=3", "train.zero3_gather=module")
     assert losses(tmp_path / "run") == pytest.approx(losses(straight), rel=1e-5)
+
+
+
+def test_one_weight_per_parameter_resumes_as_it_was_saved_and_trains_as_flat(straight, base, tmp_path):
+    """`straight` ran the default, zero3_gather=auto: flat (each block's weights in a few flat parameters). A run
+    saved with one parameter per weight (block; every save from before flat) resumes in that layout under auto,
+    is refused in flat before DeepSpeed reads a file, and reaches `straight`'s losses and exported weights bit
+    for bit: the two layouts train the same model. momentum.pt has the original names in both."""
+    run = tmp_path / "run"
+    train(run, base, "train.zero3_gather=block", "train.stop_at=4")
+    saved = run / "checkpoints/step_00000004"
+    assert read_meta(saved)["param_layout"] == "per_parameter"
+    assert read_meta(straight / "checkpoints/step_00000008")["param_layout"] == "flat"
+    refused = train(run, base, "train.zero3_gather=flat", check=False)
+    assert refused.returncode != 0 and "saved with one parameter per weight, but train.zero3_gather=flat" in refused.stderr
+    resumed = train(run, base)
+    assert "step_00000004 at step 4" in resumed.stderr
+    assert "train.zero3_gather=block (step_00000004 was saved with one parameter per weight" in resumed.stderr
+    assert losses(run) == losses(straight)
+    final, reference = (consolidated_state_dict(r / "checkpoints/step_00000008") for r in (run, straight))
+    assert_same_tensors(final, reference)
+    for checkpoint in (saved, straight / "checkpoints/step_00000008"):
+        momentum = torch.load(checkpoint / "momentum.pt", weights_only=True)
+        assert "vision_m.blocks.0.fc1.weight" in momentum and not any("flat_" in name for name in momentum)
 
 
 def test_zero2_resumes_at_another_world_size_keeps_the_training_state(zero2, base, tmp_path):

@@ -468,3 +468,107 @@ def test_auto_keeps_the_stage_a_resumed_run_was_saved_at(tmp_path):
     choice = zero_stage_for(cfg, None, torch.device("cpu"), 2)
     assert (choice.stage, choice.reason) == (2, "the stage step_00000004 was saved at (a run keeps its stage)")
     assert zero_stage_for(make_config(tmp_path, "resume=restart"), None, torch.device("cpu"), 2).stage == 3
+
+
+def _tiny_model():
+    from knowlip.model.dims import preset
+    from knowlip.model.sar_knowlip import SarKnowLIP, SpecialTokens
+
+    torch.manual_seed(0)
+    return SarKnowLIP(preset("tiny", image_size=32, queue_size=8), 64, SpecialTokens(0, 2, 3, 4, 5, 6)).eval()
+
+
+def _tiny_loss(model):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(7, 64, (4, 12), generator=g)
+    torch.manual_seed(2)  # the ITM negatives are drawn
+    return model(torch.rand(4, 1, 32, 32, generator=g), ids, torch.ones_like(ids), torch.rand(4, 12, generator=g) < 0.3)["loss"]
+
+
+def test_flat_layout_trains_the_same_weights_under_other_names_and_maps_them_back():
+    """train.zero3_gather=flat: every block's weights as views of a few flat parameters. Against the model as it
+    was: the same loss and gradients, the same optimiser groups, the momentum copies still paired, and the
+    original names back from unflatten (momentum.pt and exports keep them)."""
+    from knowlip.train.engine import param_groups
+    from knowlip.train.param_layout import FlatLayout
+
+    plain, flat = _tiny_model(), _tiny_model()
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    layout = FlatLayout.of(flat)
+    layout.apply(flat)
+    names = dict(flat.named_parameters())
+    assert len(names) < len(dict(plain.named_parameters())) / 2
+    assert "vision.blocks.0.flat_decay" in names and "text.layers.0.flat_fusion_no_decay" in names
+    assert "vision.blocks.0.fc1.weight" not in names and "text_m.layers.0.flat_fusion_decay" not in names
+    after = flat.state_dict()
+    assert_equal_state(layout.unflatten(after), before)
+    assert_equal_state(layout.flatten(before), after)
+
+    loss_plain, loss_flat = _tiny_loss(plain), _tiny_loss(flat)
+    assert loss_flat.item() == loss_plain.item()
+    loss_plain.backward()
+    loss_flat.backward()
+    grads = layout.unflatten({n: p.grad for n, p in flat.named_parameters() if p.grad is not None})
+    assert_equal_state(grads, {n: p.grad for n, p in plain.named_parameters() if p.grad is not None})
+
+    sizes = lambda model: [sum(p.numel() for p in g["params"]) for g in param_groups(model, 0.05)]
+    assert sizes(flat) == sizes(plain)  # what decays and what does not
+    assert all(p.shape == pm.shape and not pm.requires_grad for p, pm in flat.momentum_pairs())
+    assert sum(p.numel() for p, _ in flat.momentum_pairs()) == sum(p.numel() for p, _ in plain.momentum_pairs())
+
+
+def assert_equal_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_flat_layout_rebinds_its_views_to_the_data_zero3_swaps_in_before_each_call():
+    from knowlip.train.param_layout import FlatLayout
+
+    model = _tiny_model()
+    layout = FlatLayout.of(model)
+    layout.apply(model)
+    layout.bind_before_each_call(model)
+    block = model.vision.blocks[0]
+    qkv = lambda: block.flat_decay.view(-1)[: block.attn.qkv.weight.numel()].view_as(block.attn.qkv.weight)
+    assert torch.equal(block.attn.qkv.weight, qkv())
+    block.flat_decay.data = block.flat_decay.data.clone() * 2  # as ZeRO-3 swaps a gathered tensor in
+    assert not torch.equal(block.attn.qkv.weight, qkv())  # the views still show the old data
+    block(torch.zeros(1, 3, model.dims.vision.dim))
+    assert torch.equal(block.attn.qkv.weight, qkv())  # bound to the new data before the call
+    with pytest.raises(ValueError, match="text.layers.0.self_attn.key.bias is missing"):
+        layout.flatten({"text.layers.0.self_attn.query.bias": torch.zeros(1)})
+
+
+def test_a_checkpoint_resumes_only_in_the_parameter_layout_it_was_saved_in(tmp_path):
+    from knowlip.train.engine import flat_layout
+
+    flat_cfg, block_cfg = make_config(tmp_path, "train.zero3_gather=flat"), make_config(tmp_path)
+    for meta, cfg, refusal in (
+            ({"param_layout": "flat"}, block_cfg, "saved with train.zero3_gather=flat .*resume with train.zero3_gather=flat"),
+            ({"param_layout": "per_parameter"}, flat_cfg, "one parameter per weight, but train.zero3_gather=flat"),
+            ({}, flat_cfg, "one parameter per weight"),  # saved before the layout was recorded
+    ):
+        with pytest.raises(ValueError, match=refusal):
+            ckpt._check_param_layout(cfg, tmp_path / "step_00000004", meta, 3)
+    ckpt._check_param_layout(flat_cfg, tmp_path, {"param_layout": "flat"}, 3)
+    ckpt._check_param_layout(block_cfg, tmp_path, {}, 3)
+    ckpt._check_param_layout(flat_cfg, tmp_path, {"param_layout": "per_parameter"}, 2)  # flat is a ZeRO-3 layout
+    with pytest.raises(ValueError, match="needs one micro-batch per step, but this job accumulates 2"):
+        flat_layout(flat_cfg, 3, 2, _tiny_model())
+
+
+def test_zero3_gather_auto_is_flat_unless_accumulating_or_resuming_one_weight_per_parameter(tmp_path):
+    from knowlip.train.memory_model import zero3_gather_for
+
+    cfg = make_config(tmp_path)
+    assert zero3_gather_for(cfg, 1)[0] == "flat" and zero3_gather_for(cfg, 2)[0] == "module"
+    assert zero3_gather_for(make_config(tmp_path, "train.zero3_gather=block"), 1) == ("block", "set by train.zero3_gather")
+    root = ckpt.checkpoint_root(cfg)
+    ckpt.commit_save(ckpt.begin_save(root, 4), {"step": 4, "world_size": 2, "engine": "deepspeed", "zero_stage": 3}, keep=3)
+    assert zero3_gather_for(cfg, 1) == ("block", "step_00000004 was saved with one parameter per weight (a run keeps its layout)")
+    ckpt.commit_save(ckpt.begin_save(root, 6), {"step": 6, "world_size": 2, "engine": "deepspeed", "zero_stage": 3,
+                                                "param_layout": "flat"}, keep=3)
+    assert zero3_gather_for(cfg, 1)[0] == "flat"
+    assert zero3_gather_for(make_config(tmp_path, "resume=restart"), 1)[0] == "flat"

@@ -53,7 +53,9 @@ train: {{steps: 4, log_every: 2, tokenizer_vocab: 300}}
     assert (run / "model.safetensors").is_file()
     meta = json.loads((run / "checkpoints/step_00000004/meta.json").read_text())
     assert meta["zero_stage"] == 3 and meta["zero_stage_reason"].startswith("no GPU")  # zero_stage=auto on a CPU
+    assert meta["param_layout"] == "flat"  # zero3_gather=auto on a fresh run
     assert "engine deepspeed ZeRO-3 (no GPU: ZeRO-3, the design's engine" in proc.stdout + proc.stderr
+    assert "train.zero3_gather=flat (a block at a time, each block's weights in flat parameters)" in proc.stderr
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     # SCIO ran: step 3 in phase 2, step 4 in phase 3; the row sums the window of steps 3-4 over 2 ranks x 4 captions
     assert last["scio_phase"] == 3 and last["scio_screened"] == 16

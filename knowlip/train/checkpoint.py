@@ -4,8 +4,8 @@ save and what a checkpoint holds.
     <run_dir>/checkpoints/
       latest                      name of the newest complete checkpoint (written last, atomically)
       step_00000120/              one complete checkpoint
-        meta.json                 step, time, world size, engine, ZeRO stage, config hash, bytes, the sha256
-                                  of every other file; "complete": true
+        meta.json                 step, time, world size, engine, ZeRO stage and parameter layout, config hash,
+                                  bytes, the sha256 of every other file; "complete": true
         engine/                   the engine's own files (DeepSpeed: every rank's ZeRO partitions)
         state.pt                  global state: each registered component's state_dict() by name (trainer
                                   counters and MLflow run id, loader cursor, model buffers such as the queues,
@@ -576,6 +576,8 @@ def _prepare_resume(cfg, path: Path, world_size: int) -> bool:
         raise ValueError(f"{path}: saved at ZeRO stage {stage}, but train.zero_stage={cfg.train.zero_stage}; "
                          f"DeepSpeed cannot load one stage's files at another (not even in the universal "
                          f"form): resume with train.zero_stage={stage}")
+    if stage is not None:
+        _check_param_layout(cfg, path, meta, stage)
     universal = meta["world_size"] != world_size
     if universal:  # the conversion verifies the checkpoint first
         _say(f"{path.name} was saved by {meta['world_size']} rank(s); this job has {world_size}: converting it to "
@@ -584,6 +586,22 @@ def _prepare_resume(cfg, path: Path, world_size: int) -> bool:
     else:
         verify_checkpoint(path)  # before any rank lets DeepSpeed unpickle its files
     return universal
+
+
+def _check_param_layout(cfg, path: Path, meta: dict, stage: int) -> None:
+    """DeepSpeed's files hold the weights in one layout (knowlip.train.param_layout); a job resumes in it."""
+    from knowlip.train.param_layout import FLAT_LAYOUT, PER_PARAMETER
+
+    saved = meta.get("param_layout") or PER_PARAMETER  # saves from before train.zero3_gather=flat: per parameter
+    wanted = FLAT_LAYOUT if stage == 3 and cfg.train.zero3_gather == "flat" else PER_PARAMETER
+    if saved == wanted:
+        return
+    if saved == FLAT_LAYOUT:
+        raise ValueError(f"{path}: saved with train.zero3_gather=flat (each block's weights in flat parameters), "
+                         f"but train.zero3_gather={cfg.train.zero3_gather}; DeepSpeed cannot load one layout's "
+                         "files in another: resume with train.zero3_gather=flat")
+    raise ValueError(f"{path}: saved with one parameter per weight, but train.zero3_gather=flat; DeepSpeed cannot "
+                     "load one layout's files in another: resume with train.zero3_gather=block (or module)")
 
 
 class CheckpointManager:
@@ -637,6 +655,7 @@ class CheckpointManager:
             cfg = self.cfg
             meta = {"step": step, "world_size": self.world_size, "engine": cfg.train.engine,
                     "zero_stage": cfg.train.zero_stage if cfg.train.engine == "deepspeed" else None,
+                    "param_layout": getattr(self.engine, "param_layout", None),
                     "config_hash": config_hash(cfg), "global_batch": self.global_batch, **self.notes}
             final = commit_save(partial, meta, cfg.ckpt.keep)
             log.info("saved checkpoint %s", final)

@@ -25,6 +25,7 @@ from knowlip.config import ConfigError, global_batch
 from knowlip.distributed import get_rank, get_world_size
 from knowlip.model.sar_knowlip import ema_update
 from knowlip.train.checkpoint import ENGINE_TAG, load_data, plain_engine_file
+from knowlip.train.param_layout import FLAT_LAYOUT, PER_PARAMETER, FlatLayout
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,9 @@ class ZeroEngine:
         self.device, self.cfg, self.accumulation = device, cfg, accumulation
         self.stage = cfg.train.zero_stage
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.layout = flat_layout(cfg, self.stage, accumulation, model)
+        if self.layout:
+            self.layout.apply(model)  # before the optimiser's groups are made: they hold the flat parameters
         optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                       betas=OPTIMIZER_BETAS)
         self.config = deepspeed_config(cfg, get_world_size(), accumulation, bf16, universal)
@@ -260,6 +264,9 @@ class ZeroEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.config, dist_init_required=False)
         self.module = self.engine.module
+        if self.layout:
+            self.layout.bind_before_each_call(self.module)  # after DeepSpeed's gathering hooks
+        self.param_layout = FLAT_LAYOUT if self.layout else PER_PARAMETER
         self._micro = 0
         # Below stage 3 every rank holds the momentum weights whole, as the plain engine does.
         self.replicated = ReplicatedMomentum(self.module, fp32_accumulators=bf16) if self.stage < 3 else None
@@ -366,7 +373,7 @@ class ZeroEngine:
             dist.all_gather(parts, part.contiguous())
             if get_rank() == 0:
                 out[names[id(ema_param)]] = torch.cat(parts)[: ema_param.ds_numel].view(ema_param.ds_shape).cpu()
-        return out
+        return self.layout.unflatten(out) if self.layout else out  # momentum.pt keeps the original names
 
     @torch.no_grad()
     def load_momentum_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -374,6 +381,8 @@ class ZeroEngine:
         if self.replicated is not None:
             self.replicated.load_state(state)
             return
+        if self.layout:
+            state = self.layout.flatten(state)
         names = {id(ema_param): n for n, ema_param in _momentum_named(self.module)}
         self._build_ema_state()
         for p, ema_param, partition_fp32, full_fp32 in self._ema:
@@ -411,11 +420,31 @@ def _is_persistent(p) -> bool:
 
 
 def block_gather(cfg, stage, accumulation: int) -> bool:
-    """train.zero3_gather=block at stage 3: each transformer block's weights gathered once per call of the block
-    (a DeepSpeed leaf module) instead of once per Linear and LayerNorm in it, and each frozen momentum tower's
-    once per call of the tower (set_gather_units). It needs one micro-batch per step
+    """train.zero3_gather=block (or flat) at stage 3: each transformer block's weights gathered once per call of
+    the block (a DeepSpeed leaf module) instead of once per Linear and LayerNorm in it, and each frozen momentum
+    tower's once per call of the tower (set_gather_units). It needs one micro-batch per step
     (DeepSpeed's coalesced reduction spans one backward); with gradient accumulation, module gathering."""
-    return stage == 3 and cfg.train.zero3_gather == "block" and accumulation == 1
+    return stage == 3 and gather_mode(cfg, accumulation) in ("block", "flat") and accumulation == 1
+
+
+def gather_mode(cfg, accumulation: int) -> str:
+    """train.zero3_gather, with auto as a fresh job takes it (the trainer resolves auto first, from the
+    checkpoint it resumes: memory_model.zero3_gather_for)."""
+    if cfg.train.zero3_gather != "auto":
+        return cfg.train.zero3_gather
+    return "flat" if accumulation == 1 else "module"
+
+
+def flat_layout(cfg, stage, accumulation: int, model: torch.nn.Module) -> FlatLayout | None:
+    """train.zero3_gather=flat at stage 3: gathered a block at a time, each block's weights in a few flat
+    parameters (knowlip.train.param_layout). Its checkpoints resume only in the same layout, so gradient
+    accumulation, which cannot gather a block at a time, is an error here rather than a quiet fallback."""
+    if stage != 3 or gather_mode(cfg, accumulation) != "flat":
+        return None
+    if accumulation != 1:
+        raise ValueError(f"train.zero3_gather=flat needs one micro-batch per step, but this job accumulates "
+                         f"{accumulation} (train.global_batch_size): use train.zero3_gather=block or module")
+    return FlatLayout.of(model)
 
 
 def set_gather_units(model: torch.nn.Module, whole_blocks: bool) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from knowlip.choices import EXPORT_DTYPES
 from knowlip.train import checkpoint as ckpt
+from knowlip.train.param_layout import FLAT_LAYOUT, FlatLayout
 
 WEIGHTS = "model.safetensors"
 DTYPES = dict(zip(EXPORT_DTYPES, (torch.float32, torch.bfloat16), strict=True))
@@ -34,6 +35,8 @@ def consolidated_state_dict(path: Path, verify: bool = True) -> dict[str, torch.
 
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # it prints a lot
             weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=ckpt.ENGINE_TAG)
+        if meta.get("param_layout") == FLAT_LAYOUT:  # DeepSpeed's names are the flat parameters': the model's back
+            weights = FlatLayout.of(_build(path)[0]).unflatten(weights)
     else:
         state = ckpt.load_data(ckpt.plain_engine_file(path))
         weights = {**state["module"], **state.get("masters", {})}  # bf16 weights: their float32 masters

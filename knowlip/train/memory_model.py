@@ -28,7 +28,7 @@ class ZeroChoice:
     stage: int
     reason: str
     fits: bool = True  # False: not even ZeRO-3 fits by the estimate
-    gather: str | None = None  # train.zero3_gather the choice needs ("module"), None: as configured
+    gather: str | None = None  # train.zero3_gather the choice needs ("module"), None: as configured or auto
 
 
 def state_bytes(stage: int, trainable: int, frozen: int, ranks: int, block_gather: bool = False) -> float:
@@ -109,17 +109,38 @@ def zero_stage_for(cfg, model, device, world_size: int) -> ZeroChoice:
     activations = activation_bytes(model.dims, cfg.model.image_size, cfg.data.max_text_len, cfg.data.batch_size,
                                    bf16, cfg.train.activation_checkpointing)
     return choose_zero_stage(trainable, frozen, activations, torch.cuda.get_device_properties(device).total_memory,
-                             world_size, cfg.train.zero3_gather == "block")
+                             world_size, cfg.train.zero3_gather != "module")
+
+
+def zero3_gather_for(cfg, accumulation: int) -> tuple[str, str]:
+    """(train.zero3_gather, why) for a ZeRO-3 job: as set; else (auto) a block at a time in flat parameters,
+    unless gradient accumulation needs a module at a time or the run resumes a checkpoint saved with one
+    parameter per weight (a run keeps its layout: DeepSpeed's files hold one)."""
+    if cfg.train.zero3_gather != "auto":
+        return cfg.train.zero3_gather, "set by train.zero3_gather"
+    if accumulation > 1:
+        return "module", f"{accumulation} micro-batches a step: a module at a time"
+    saved = _saved_meta(cfg)
+    if saved is not None and saved[0].get("engine") == "deepspeed" and not saved[0].get("param_layout") == "flat":
+        return "block", f"{saved[1]} was saved with one parameter per weight (a run keeps its layout)"
+    return "flat", "a block at a time, each block's weights in flat parameters"
 
 
 def _saved_stage(cfg) -> tuple[int, str] | None:
     """(stage, checkpoint name) of what this job would resume, if it is a DeepSpeed checkpoint."""
-    from knowlip.train.checkpoint import read_meta, resume_path, zero_stage_of
+    from knowlip.train.checkpoint import zero_stage_of
+
+    saved = _saved_meta(cfg)
+    stage = zero_stage_of(saved[0]) if saved else None
+    return (stage, saved[1]) if stage is not None else None
+
+
+def _saved_meta(cfg) -> tuple[dict, str] | None:
+    """(meta.json, checkpoint name) of what this job would resume, if anything."""
+    from knowlip.train.checkpoint import read_meta, resume_path
 
     try:
         path = resume_path(cfg)
     except (ValueError, FileNotFoundError):  # a bad resume path: the resume's own checks say so later
         return None
-    meta = read_meta(Path(path)) if path is not None else None
-    stage = zero_stage_of(meta) if meta else None
-    return (stage, Path(path).name) if stage is not None else None
+    return (read_meta(Path(path)), Path(path).name) if path is not None else None

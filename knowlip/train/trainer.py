@@ -32,7 +32,7 @@ from knowlip.model.flops import peak_flops, training_flops_per_sample
 from knowlip.ops.sar_norm import normalise_batch
 from knowlip.text.tokenizer import CaptionTokenizer, run_tokenizer
 from knowlip.track.report import RESUMED
-from knowlip.train.memory_model import zero_stage_for
+from knowlip.train.memory_model import zero3_gather_for, zero_stage_for
 from knowlip.train.registry import register_finished_model
 from knowlip.track.run_tracking import RunTracking, end_status, run_facts
 from knowlip.train import scio_loop
@@ -100,12 +100,15 @@ class Trainer:
         self.loader = build_loader(cfg.data, self.rank, self.world_size, tokenizer=self.text,
                                    pin_memory=self.device.type == "cuda", index=self.index)
         model = build_model(cfg.model, self.tokenizer)
-        self.zero_choice = None
+        self.zero_choice, self.gather_reason = None, None
         if cfg.train.engine == "deepspeed":  # train.zero_stage=auto becomes a stage here, for this whole job
             self.zero_choice = zero_stage_for(cfg, model, self.device, ranks.world_size)
             self.cfg = cfg = replaced(cfg, "train.zero_stage", self.zero_choice.stage)
             if self.zero_choice.gather:
                 self.cfg = cfg = replaced(cfg, "train.zero3_gather", self.zero_choice.gather)
+            if cfg.train.zero_stage == 3:
+                gather, self.gather_reason = zero3_gather_for(cfg, self.accumulation)
+                self.cfg = cfg = replaced(cfg, "train.zero3_gather", gather)
             if not self.zero_choice.fits and ranks.rank == 0:
                 log.warning("train.zero_stage=auto: %s", self.zero_choice.reason)
         model.vision.activation_checkpointing = model.text.activation_checkpointing = cfg.train.activation_checkpointing
@@ -145,6 +148,8 @@ class Trainer:
             parts[part] = parts.get(part, 0) + int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3: the whole size
         device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
         stage = f" ZeRO-{cfg.train.zero_stage} ({self.zero_choice.reason})" if self.zero_choice else ""
+        if self.gather_reason:
+            stage += f", train.zero3_gather={cfg.train.zero3_gather} ({self.gather_reason})"
         start = (f"resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "a fresh start")
         return [f"run {self.run_dir} (its resolved config: {self.run_dir / CONFIG})",
                 f"model {cfg.model.size}: {sum(parts.values()):,} parameters ("
