@@ -9,7 +9,8 @@ Inputs, all printed with the table:
 - the measured single-GPU step (compute, from BENCHMARKS.md: `base` 224 px, batch 128 per GPU, one H100:
   0.411 s plain autocast step) and the measured ZeRO-3 host cost on one rank (0.94-1.00 s ZeRO-3 step vs that
   plain step: ~0.55 s of parameter-hook bookkeeping a step, which no interconnect hides), from ZeRO-3 as it
-  gathered then (a module at a time, 1,770 fetches); for ZeRO-3 now (a module or a block at a time, issue 26)
+  gathered then (a module at a time, 1,770 fetches); for ZeRO-3 now (a module or a block at a time, or a block
+  at a time in flat parameters, issue 26)
   that cost scaled by the Python calls of a `base` step counted on the CPU, now against then
   (bench/train_step.py's counts; computed inputs, not GPU measurements);
 - parameters from the model itself (trainable P, frozen momentum copies Q);
@@ -43,9 +44,9 @@ emit = JsonLines()
 GPUS = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 # `base` ZeRO-3 steps on the CPU (batch 2, one rank; bench/train_step.py's counts, BENCHMARKS.md): Python calls and
 # fetches a step as ZeRO-3 gathered when the H100 measured its host cost (1,772 fetches there, 1,770 on the H100)
-# and as it gathers now, a module or a block at a time
+# and as it gathers now: a module or a block at a time, and a block at a time in flat parameters (the default)
 CALLS_THEN = 1_263_662
-NOW = {"module": (1_016_058, 1184), "block": (585_501, 146)}
+NOW = {"module": (1_016_058, 1184), "block": (585_501, 146), "flat": (216_731, 146)}
 GIB = 2**30
 
 
@@ -113,7 +114,7 @@ def state_gib(stage: int, w: Workload, n: int, gather: str = "then") -> float:
     """Model states per GPU: the package's memory model (knowlip.train.memory_model, what zero_stage=auto uses)."""
     from knowlip.train.memory_model import state_bytes
 
-    return state_bytes(stage, w.trainable, w.frozen, n, block_gather=gather == "block") / GIB
+    return state_bytes(stage, w.trainable, w.frozen, n, block_gather=gather in ("block", "flat")) / GIB
 
 
 def workload(preset_name: str, compute_s: float, zero3_host_s: float, zero3_collectives: int) -> Workload:
@@ -133,7 +134,7 @@ MACHINES = [Machine("NVLink + 400 Gb/s per GPU", 360, 400 / 8 * 0.8), Machine("N
 
 CASES = [("ZeRO-1", 1, "then"), ("ZeRO-2", 2, "then"), ("ZeRO-3 (as measured)", 3, "then"),
          ("ZeRO-3 now, a module at a time", 3, "module"), ("ZeRO-3 now, a block at a time", 3, "block"),
-         ("ZeRO-3, hooks free", 3, "free")]  # the last: as if ZeRO-3's host bookkeeping cost nothing
+         ("ZeRO-3 now, flat blocks", 3, "flat"), ("ZeRO-3, hooks free", 3, "free")]  # the last: as if ZeRO-3's host bookkeeping cost nothing
 
 
 def table(w: Workload) -> list[dict]:
@@ -153,7 +154,7 @@ def table(w: Workload) -> list[dict]:
 def print_table(rows: list[dict], w: Workload) -> None:
     print(f"P = {w.trainable / 1e6:.1f} M trainable, Q = {w.frozen / 1e6:.1f} M frozen (momentum); compute "
           f"{w.compute_s} s/step; ZeRO-3 host {w.zero3_host_s} s/step, {w.zero3_collectives} gathers/step; now "
-          + ", ".join(f"a {g} at a time {h} s/step, {f} gathers/step" for g, (h, f) in w.zero3_now.items()))
+          + ", ".join(f"{g} {h} s/step, {f} gathers/step" for g, (h, f) in w.zero3_now.items()))
     for m in MACHINES:
         print(f"\n{m.name}: efficiency (step s) with overlap | without")
         print(f"{'GPUs':>6}" + "".join(f"{label:>32}" for label, _, _ in CASES))
@@ -166,7 +167,8 @@ def print_table(rows: list[dict], w: Workload) -> None:
             print(f"{n:>6}" + "".join(f"{c:>32}" for c in cells))
     print("\nmodel states per GPU (GiB), N = 8 / 4096:",
           ", ".join(f"ZeRO-{s}: {state_gib(s, w, 8):.1f} / {state_gib(s, w, 4096):.2f}" for s in (1, 2, 3)),
-          f"; ZeRO-3 a block at a time: {state_gib(3, w, 8, 'block'):.1f} / {state_gib(3, w, 4096, 'block'):.2f}")
+          f"; ZeRO-3 a block at a time (block, flat): {state_gib(3, w, 8, 'block'):.1f} / "
+          f"{state_gib(3, w, 4096, 'block'):.2f}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -178,7 +180,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(MACHINES), figsize=(13, 4.8), sharey=True)
     for ax, m in zip(axes, MACHINES):
         for (label, _, _), color, width in zip(CASES, ("tab:blue", "tab:green", "tab:red", "tab:brown", "tab:purple",
-                                                          "tab:orange"), (4, 2, 2, 2, 2, 2)):
+                                                          "tab:olive", "tab:orange"), (4, 2, 2, 2, 2, 2, 2)):
             for overlap, style in ((True, "-"), (False, "--")):
                 pts = [r for r in rows if r["machine"] == m.name and r["case"] == label and r["overlap"] == overlap]
                 ax.plot([r["gpus"] for r in pts], [r["efficiency"] for r in pts], style, color=color, linewidth=width,

@@ -5,9 +5,9 @@ fresh model, to size a change before it is built (and to check it after).
     .venv/bin/python bench/zero3_probes.py --size base --image-size 224 --batch 2
 
 Probes (each in its own engine, ZeRO-3, one rank):
-- `now`: knowlip's ZeRO-3 step a block at a time (train.zero3_gather=block).
+- `block`: a block at a time, one parameter per weight (train.zero3_gather=block).
 - `flat`: train.zero3_gather=flat, each block's weights in a few flat parameters (knowlip.train.param_layout,
-  as FSDP lays them out). Its losses are compared with `now`'s. The GPU step plan times it too (`zero3_flat`).
+  as FSDP lays them out; the default). Its losses are compared with `block`'s. The GPU step plan times it too (`zero3_flat`).
 - `vision_leaf`: the whole image encoder as one DeepSpeed leaf module. Expected to fail: a leaf reduces its
   gradients from a backward hook on an input that requires grad (DeepSpeed PR #5074), and the encoder's only
   input, the images, does not; the error is printed.
@@ -36,7 +36,7 @@ def run(probe: str, args) -> dict:
         return build_engine(model, *a, **k)
 
     train_step.build_engine = vision_leaf if probe == "vision_leaf" else build_engine
-    overrides = ("train.zero3_gather=flat",) if probe == "flat" else ()
+    overrides = ("train.zero3_gather=flat",) if probe == "flat" else ("train.zero3_gather=block",)
     try:
         engine, _, vocab = train_step.build("deepspeed", args.size, args.image_size, args.batch, args.text_len,
                                             torch.device("cpu"), False, overrides=overrides)
@@ -62,7 +62,7 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--text-len", type=int, default=128)
-    parser.add_argument("--probes", default="now,flat,vision_leaf")
+    parser.add_argument("--probes", default="block,flat,vision_leaf")
     args = parser.parse_args()
     torch.set_num_threads(1)
     train_step.init_process_group(train_step.RankEnv(0, 1, 0, 1, "127.0.0.1", train_step.free_port()),
@@ -75,10 +75,10 @@ def main() -> int:
             print(json.dumps({"probe": probe, "failed": str(err).splitlines()[0]}))
             continue
         print(json.dumps(results[probe]))
-    if "now" in results and "flat" in results:
-        now, flat = results["now"], results["flat"]
-        drift = max(abs(a - b) for a, b in zip(now["losses"], flat["losses"]))
-        print(json.dumps({"probe": "flat_vs_now", "calls_ratio": round(flat["calls"] / now["calls"], 3),
+    if "block" in results and "flat" in results:
+        block, flat = results["block"], results["flat"]
+        drift = max(abs(a - b) for a, b in zip(block["losses"], flat["losses"]))
+        print(json.dumps({"probe": "flat_vs_block", "calls_ratio": round(flat["calls"] / block["calls"], 3),
                           "largest_loss_difference": drift}))
     return 0
 
