@@ -220,7 +220,7 @@ class TrainConfig:
     zero_stage: Any = "auto"
     # ZeRO-3's weight gathering. "flat": a block at a time (below), each block's weights in a few flat parameters
     # (knowlip.train.param_layout): the same losses bit for bit, 0.54x the Python calls of "block" a step on tiny,
-    # 0.40x on base (BENCHMARKS.md); its checkpoints resume only as flat. "block": a ViT block's or text layer's
+    # 0.37x on base (BENCHMARKS.md); its checkpoints resume only as flat. "block": a ViT block's or text layer's
     # weights once per call of it and a frozen momentum tower's whole, one weight per parameter; all gradients
     # reduced in one pass after backward (whole gradients live until then) and torch's linear (gathered weights
     # kept for backward): more memory than ZeRO-2, so zero_stage=auto, where it lands on ZeRO-3, gathers a module

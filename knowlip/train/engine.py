@@ -25,6 +25,7 @@ from knowlip.config import ConfigError, global_batch
 from knowlip.distributed import get_rank, get_world_size
 from knowlip.model.sar_knowlip import ema_update
 from knowlip.train.checkpoint import ENGINE_TAG, load_data, plain_engine_file
+from knowlip.train.memory_model import fresh_zero3_gather
 from knowlip.train.param_layout import FLAT_LAYOUT, PER_PARAMETER, FlatLayout
 
 log = logging.getLogger(__name__)
@@ -266,12 +267,16 @@ class ZeroEngine:
         self.module = self.engine.module
         if self.layout:
             self.layout.bind_before_each_call(self.module)  # after DeepSpeed's gathering hooks
-        self.param_layout = FLAT_LAYOUT if self.layout else PER_PARAMETER
         self._micro = 0
         # Below stage 3 every rank holds the momentum weights whole, as the plain engine does.
         self.replicated = ReplicatedMomentum(self.module, fp32_accumulators=bf16) if self.stage < 3 else None
         if self.replicated is None:
             self._build_ema_state()
+
+    @property
+    def param_layout(self) -> str:
+        """How DeepSpeed's files hold the weights (meta.json records it; a resume keeps it)."""
+        return FLAT_LAYOUT if self.layout else PER_PARAMETER
 
     # -- the step ----------------------------------------------------------------------------------------
 
@@ -430,9 +435,7 @@ def block_gather(cfg, stage, accumulation: int) -> bool:
 def gather_mode(cfg, accumulation: int) -> str:
     """train.zero3_gather, with auto as a fresh job takes it (the trainer resolves auto first, from the
     checkpoint it resumes: memory_model.zero3_gather_for)."""
-    if cfg.train.zero3_gather != "auto":
-        return cfg.train.zero3_gather
-    return "flat" if accumulation == 1 else "module"
+    return cfg.train.zero3_gather if cfg.train.zero3_gather != "auto" else fresh_zero3_gather(accumulation)
 
 
 def flat_layout(cfg, stage, accumulation: int, model: torch.nn.Module) -> FlatLayout | None:

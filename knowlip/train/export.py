@@ -24,9 +24,10 @@ WEIGHTS = "model.safetensors"
 DTYPES = dict(zip(EXPORT_DTYPES, (torch.float32, torch.bfloat16), strict=True))
 
 
-def consolidated_state_dict(path: Path, verify: bool = True) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(path: Path, verify: bool = True, model=None) -> dict[str, torch.Tensor]:
     """The full model state dict of a complete checkpoint, fp32: trainable weights from the engine's files,
-    momentum weights and buffers from knowlip's own (the same tensors whatever the engine or world size)."""
+    momentum weights and buffers from knowlip's own (the same tensors whatever the engine or world size).
+    `model`: the checkpoint's model, unflattened, if the caller has built it (a flat layout is read from it)."""
     if verify:  # DeepSpeed's reader unpickles its files
         ckpt.verify_checkpoint(path)
     meta = ckpt.read_meta(path)
@@ -36,7 +37,7 @@ def consolidated_state_dict(path: Path, verify: bool = True) -> dict[str, torch.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # it prints a lot
             weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=ckpt.ENGINE_TAG)
         if meta.get("param_layout") == FLAT_LAYOUT:  # DeepSpeed's names are the flat parameters': the model's back
-            weights = FlatLayout.of(_build(path)[0]).unflatten(weights)
+            weights = FlatLayout.of(model if model is not None else _build(path)[0]).unflatten(weights)
     else:
         state = ckpt.load_data(ckpt.plain_engine_file(path))
         weights = {**state["module"], **state.get("masters", {})}  # bf16 weights: their float32 masters
@@ -97,7 +98,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu"):
         return model, tokenizer, load_config(source / ckpt.CONFIG)
     path = ckpt.resolve_checkpoint(source)
     model, tokenizer = _build(path)
-    model.load_state_dict(consolidated_state_dict(path))
+    model.load_state_dict(consolidated_state_dict(path, model=model))
     return model.to(device).eval(), tokenizer, load_config(path / ckpt.CONFIG)
 
 

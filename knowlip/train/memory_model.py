@@ -116,14 +116,21 @@ def zero3_gather_for(cfg, accumulation: int) -> tuple[str, str]:
     """(train.zero3_gather, why) for a ZeRO-3 job: as set; else (auto) a block at a time in flat parameters,
     unless gradient accumulation needs a module at a time or the run resumes a checkpoint saved with one
     parameter per weight (a run keeps its layout: DeepSpeed's files hold one)."""
+    from knowlip.train.param_layout import FLAT_LAYOUT
+
     if cfg.train.zero3_gather != "auto":
         return cfg.train.zero3_gather, "set by train.zero3_gather"
     if accumulation > 1:
-        return "module", f"{accumulation} micro-batches a step: a module at a time"
+        return fresh_zero3_gather(accumulation), f"{accumulation} micro-batches a step: a module at a time"
     saved = _saved_meta(cfg)
-    if saved is not None and saved[0].get("engine") == "deepspeed" and not saved[0].get("param_layout") == "flat":
+    if saved is not None and saved[0].get("engine") == "deepspeed" and saved[0].get("param_layout") != FLAT_LAYOUT:
         return "block", f"{saved[1]} was saved with one parameter per weight (a run keeps its layout)"
-    return "flat", "a block at a time, each block's weights in flat parameters"
+    return fresh_zero3_gather(accumulation), "a block at a time, each block's weights in flat parameters"
+
+
+def fresh_zero3_gather(accumulation: int) -> str:
+    """What train.zero3_gather=auto takes with no checkpoint to follow: flat, which needs one micro-batch a step."""
+    return "flat" if accumulation == 1 else "module"
 
 
 def _saved_stage(cfg) -> tuple[int, str] | None:

@@ -1,7 +1,7 @@
 """ZeRO-3's parameter layout. `train.zero3_gather=flat` keeps each transformer block's weights in a few flat
 parameters, as FSDP lays them out, instead of one parameter per weight and bias: DeepSpeed's ZeRO-3 does
 per-parameter work every step (gathering, releasing, reducing, and an optimiser step that frees every weight and
-gathers the small ones again), so on `base` 950 parameters become 158 and a step's Python calls fall to 0.40x
+gathers the small ones again), so on `base` 950 parameters become 158 and a step's Python calls fall to 0.37x
 (BENCHMARKS.md). The maths is unchanged: each weight is a view of its flat parameter, bound at every call.
 
 A block's flat parameters: `flat_decay` (its weight matrices) and `flat_no_decay` (biases and norms), and the
@@ -14,6 +14,7 @@ original ones: `unflatten` and `flatten` map between the two."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ class FlatParam:
 
     @property
     def numel(self) -> int:
-        return sum(_numel(shape) for _, shape in self.members)
+        return sum(math.prod(shape) for _, shape in self.members)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -42,14 +43,7 @@ class FlatParam:
         offset = 0
         for name, shape in self.members:
             yield name, shape, offset
-            offset += _numel(shape)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for size in shape:
-        out *= size
-    return out
+            offset += math.prod(shape)
 
 
 def _bind(target) -> None:
@@ -125,7 +119,7 @@ class FlatLayout:
         members = []
         for name, shape, offset in flat.slices():
             owner, attr = name.rsplit(".", 1)
-            members.append((model.get_submodule(owner), attr, offset, _numel(shape), shape))
+            members.append((model.get_submodule(owner), attr, offset, math.prod(shape), shape))
         return model.get_submodule(unit_name), flat_attr, members
 
     # -- state dicts --------------------------------------------------------------------------------------------
@@ -141,7 +135,7 @@ class FlatLayout:
             if data.numel() != flat.numel:
                 raise ValueError(f"{flat.name}: {data.numel()} values, but its members hold {flat.numel}")
             for name, shape, offset in flat.slices():
-                out[name] = data[offset : offset + _numel(shape)].view(shape).clone()
+                out[name] = data[offset : offset + math.prod(shape)].view(shape).clone()
         return out
 
     def flatten(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -104,10 +104,9 @@ class Trainer:
         if cfg.train.engine == "deepspeed":  # train.zero_stage=auto becomes a stage here, for this whole job
             self.zero_choice = zero_stage_for(cfg, model, self.device, ranks.world_size)
             self.cfg = cfg = replaced(cfg, "train.zero_stage", self.zero_choice.stage)
-            if self.zero_choice.gather:
-                self.cfg = cfg = replaced(cfg, "train.zero3_gather", self.zero_choice.gather)
             if cfg.train.zero_stage == 3:
-                gather, self.gather_reason = zero3_gather_for(cfg, self.accumulation)
+                gather, self.gather_reason = ((self.zero_choice.gather, "a block at a time does not fit")
+                                              if self.zero_choice.gather else zero3_gather_for(cfg, self.accumulation))
                 self.cfg = cfg = replaced(cfg, "train.zero3_gather", gather)
             if not self.zero_choice.fits and ranks.rank == 0:
                 log.warning("train.zero_stage=auto: %s", self.zero_choice.reason)
